@@ -1,0 +1,5 @@
+"""Built-in passes. Importing this package registers them (the project's only import-for-registration)."""
+
+from . import svd
+
+__all__ = ["svd"]

@@ -1,0 +1,333 @@
+"""`svd`: low-rank splits of Gemm/MatMul and Conv layers (Xue et al. 2013; Jaderberg et al. 2014).
+
+A weight W (K x N, inputs x outputs) becomes two layers A (K x r) and B (r x N). In data-aware mode the
+split minimises the layer's *output* error on calibration inputs X: with C = E[x x^T] = S^T S, the best
+rank-r product is W V_r V_r^T, where V_r are the top right singular vectors of S W (whitening by the input
+covariance). Plain mode uses the SVD of W itself. Conv layers split either by channels (k x k with r
+filters, then 1 x 1) or spatially (k x 1 with r filters, then 1 x k; weight-fitted).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from rewriter.graph import GraphView, attributes, unique_name
+from rewriter.layers import Conv2d, conv2d_geometry, conv_patches, rows
+from rewriter.pass_api import PassContext, PassResult
+from rewriter.registry import register_pass
+
+# Above this input width a covariance would take too much memory: such layers fall back to weight SVD.
+MAX_COVARIANCE_DIM = 4608
+FLOATS = (np.float16, np.float32, np.float64)
+WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+# ---- numeric fits: numpy in, numpy out ------------------------------------------------------------
+def whitening(cov: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
+    """S with S^T S = cov (+ a small ridge, so that dead inputs do not make S singular)."""
+    values, vectors = np.linalg.eigh(cov)
+    values = np.maximum(values, ridge * max(values.max(), 1e-30))
+    return np.sqrt(values)[:, None] * vectors.T
+
+
+def right_basis(w: np.ndarray, cov: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Singular values and right singular vectors (as columns) of W, or of S W when cov is given."""
+    m = w if cov is None else whitening(cov) @ w
+    _, s, vt = np.linalg.svd(m, full_matrices=False)
+    return s, vt.T
+
+
+def pick_rank(s: np.ndarray, rank_ratio: float, energy: float | None, min_rank: int = 1) -> int:
+    """Rank from a share of the full rank, or the smallest rank keeping `energy` of sum(s^2)."""
+    full = len(s)
+    if energy is not None:
+        kept = np.cumsum(s**2) / max(float(np.sum(s**2)), 1e-30)
+        rank = int(np.searchsorted(kept, energy - 1e-12) + 1)
+    else:
+        rank = math.ceil(rank_ratio * full)
+    return int(min(full, max(min_rank, rank)))
+
+
+def lowrank_factor(w: np.ndarray, rank: int, cov: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """W (K x N) ~ A (K x r) @ B (r x N); B has orthonormal rows."""
+    _, v = right_basis(w, cov)
+    basis = v[:, :rank]
+    return w @ basis, basis.T
+
+
+def output_error(w: np.ndarray, approx: np.ndarray, cov: np.ndarray) -> float:
+    """Relative output error ||X (W - W')|| / ||X W|| from the input covariance."""
+    diff = w - approx
+    return float(np.sqrt(max(np.trace(diff.T @ cov @ diff), 0.0) / max(np.trace(w.T @ cov @ w), 1e-30)))
+
+
+def spatial_factor(weight: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """W (O, I, kh, kw) ~ sum_r H[o, r, x] V[r, i, y]: V (r, I, kh, 1) then H (O, r, 1, kw)."""
+    o, i, kh, kw = weight.shape
+    m = weight.transpose(1, 2, 0, 3).reshape(i * kh, o * kw)
+    u, s, vt = np.linalg.svd(m, full_matrices=False)
+    root = np.sqrt(s[:rank])
+    vertical = (u[:, :rank] * root).T.reshape(rank, i, kh, 1)
+    horizontal = (root[:, None] * vt[:rank]).reshape(rank, o, 1, kw).transpose(1, 0, 2, 3)
+    return vertical, horizontal
+
+
+# ---- which layers, and how they are rewritten ---------------------------------------------------
+@dataclass
+class Layer:
+    node: onnx.NodeProto
+    kind: str  # "gemm", "matmul", "conv" (channel split) or "spatial"
+    w: np.ndarray  # the K x N matrix (for "spatial" the 4-D Conv weight)
+    macs: int  # MACs of the layer as it is
+    positions: int  # output positions that each weight column is applied at
+    conv: Conv2d | None = None
+    mid_positions: int = 0  # spatial split: positions of the k x 1 layer's output (full input width)
+
+    @property
+    def label(self) -> str:
+        return self.node.name or f"{self.node.op_type}:{self.node.output[0]}"
+
+    def rows(self, x: np.ndarray) -> np.ndarray:
+        return conv_patches(x, self.conv) if self.kind == "conv" else rows(x)
+
+    def split_macs(self, rank: int) -> int:
+        if self.kind == "spatial":
+            o, i, kh, kw = self.w.shape
+            return rank * (self.mid_positions * i * kh + self.positions * o * kw)
+        k, n = self.w.shape
+        return self.positions * rank * (k + n)
+
+
+def _find_layer(view: GraphView, node: onnx.NodeProto, conv_mode: str) -> Layer | str:
+    """A Layer to split, or the reason the node is left alone."""
+    if len(node.input) < 2 or not view.is_initializer(node.input[1]):
+        return "weight is not a constant"
+    weight = view.constant(node.input[1])
+    if weight.dtype.type not in FLOATS:
+        return f"weight dtype {weight.dtype} is not float"
+    out = view.static_shape(node.output[0])
+    if out is None:
+        return "output shape unknown"
+    attrs = attributes(node)
+    if node.op_type == "Gemm":
+        if attrs.get("transA", 0):
+            return "transA=1 is not split"
+        w = attrs.get("alpha", 1.0) * (weight.T if attrs.get("transB", 0) else weight)
+        return Layer(node, "gemm", w.astype(np.float64), out[0] * w.size, out[0])
+    if node.op_type == "MatMul":
+        if weight.ndim != 2:
+            return "batched MatMul weight"
+        positions = math.prod(out[:-1])
+        return Layer(node, "matmul", weight.astype(np.float64), positions * weight.size, positions)
+    conv = conv2d_geometry(node, list(weight.shape))
+    if conv is None:
+        return "only 2-D Conv with explicit padding is split"
+    if conv.group != 1:
+        return "grouped/depthwise Conv is not split"
+    positions = out[2] * out[3]
+    macs = positions * weight.size
+    if conv_mode == "spatial":
+        if min(conv.kernel) < 2:
+            return "spatial split needs a k x k kernel with k > 1"
+        x = view.static_shape(node.input[0])
+        if x is None:
+            return "input shape unknown"
+        return Layer(node, "spatial", weight.astype(np.float64), macs, positions, conv, out[2] * x[3])
+    w = weight.reshape(weight.shape[0], -1).T.astype(np.float64)
+    return Layer(node, "conv", w, macs, positions, conv)
+
+
+def is_head(view: GraphView, node: onnx.NodeProto) -> bool:
+    """True when some path from the node reaches a graph output without crossing another weighted layer."""
+    stack, seen = list(node.output), set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if view.is_graph_output(name):
+            return True
+        for consumer in view.consumers(name):
+            if consumer.op_type not in WEIGHTED_OPS:
+                stack.extend(consumer.output)
+    return False
+
+
+def _initializer(model: onnx.ModelProto, base: str, value: np.ndarray, dtype: np.dtype) -> str:
+    name = unique_name(model, base)
+    model.graph.initializer.append(numpy_helper.from_array(value.astype(dtype), name))
+    return name
+
+
+def _replacement(model: onnx.ModelProto, layer: Layer, first: np.ndarray, second: np.ndarray, dtype) -> list:
+    """The two nodes that replace the layer; the second keeps the original output name."""
+    node, attrs = layer.node, attributes(layer.node)
+    base = layer.node.name or layer.node.output[0]
+    a = _initializer(model, f"{base}_svd_a", first, dtype)
+    b = _initializer(model, f"{base}_svd_b", second, dtype)
+    mid = unique_name(model, f"{base}_svd_mid")
+    x, out, rest = node.input[0], node.output[0], list(node.input[2:])
+    names = (unique_name(model, f"{base}_svd_1"), unique_name(model, f"{base}_svd_2"))
+    if layer.kind == "gemm":
+        beta = {"beta": attrs.get("beta", 1.0)} if rest else {}
+        return [helper.make_node("Gemm", [x, a], [mid], name=names[0]),
+                helper.make_node("Gemm", [mid, b, *rest], [out], name=names[1], **beta)]
+    if layer.kind == "matmul":
+        return [helper.make_node("MatMul", [x, a], [mid], name=names[0]),
+                helper.make_node("MatMul", [mid, b], [out], name=names[1])]
+    conv = layer.conv
+    if layer.kind == "conv":
+        first_attrs = {"strides": conv.strides, "pads": conv.pads, "dilations": conv.dilations}
+        second_attrs: dict = {}
+    else:
+        (sh, sw), (dh, dw), (top, left, bottom, right) = conv.strides, conv.dilations, conv.pads
+        first_attrs = {"strides": [sh, 1], "pads": [top, 0, bottom, 0], "dilations": [dh, 1]}
+        second_attrs = {"strides": [1, sw], "pads": [0, left, 0, right], "dilations": [1, dw]}
+    return [helper.make_node("Conv", [x, a], [mid], name=names[0], **first_attrs),
+            helper.make_node("Conv", [mid, b, *rest], [out], name=names[1], **second_attrs)]
+
+
+def _weights(layer: Layer, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Matrix factors A (K x r), B (r x N) in the layout each node kind expects."""
+    if layer.kind in ("gemm", "matmul"):
+        return a, b
+    (kh, kw), rank = layer.conv.kernel, a.shape[1]
+    return a.T.reshape(rank, -1, kh, kw), b.T.reshape(-1, rank, 1, 1)
+
+
+@register_pass("svd")
+class SvdPass:
+    """Low-rank split of Gemm, MatMul and Conv layers."""
+
+    name = "svd"
+
+    def __init__(
+        self,
+        *,
+        rank_ratio: float = 0.5,
+        energy: float | None = None,
+        data_aware: bool = True,
+        conv: str = "channel",
+        min_rank: int = 1,
+        ops: str = "Gemm,MatMul,Conv",
+        keep_heads: bool = True,
+        skip: str = "",
+    ) -> None:
+        if not 0.0 < rank_ratio <= 1.0:
+            raise ValueError(f"rank_ratio must be in (0, 1], got {rank_ratio}")
+        if energy is not None and not 0.0 < energy <= 1.0:
+            raise ValueError(f"energy must be in (0, 1], got {energy}")
+        if conv not in ("channel", "spatial"):
+            raise ValueError(f"conv must be 'channel' or 'spatial', got {conv!r}")
+        if min_rank < 1:
+            raise ValueError(f"min_rank must be at least 1, got {min_rank}")
+        self.rank_ratio, self.energy, self.data_aware = rank_ratio, energy, data_aware
+        self.conv_mode, self.min_rank = conv, min_rank
+        self.keep_heads = keep_heads
+        self.skip = {name.strip() for name in skip.split(",") if name.strip()}
+        self.ops = {op.strip() for op in ops.split(",") if op.strip()}
+        unknown = self.ops - {"Gemm", "MatMul", "Conv"}
+        if unknown:
+            raise ValueError(f"ops may name Gemm, MatMul and Conv, not {sorted(unknown)}")
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        model = _copy(model)
+        view = GraphView(model)
+        layers, skipped = [], {}
+        for node in model.graph.node:
+            if node.op_type in self.ops:
+                found = self._select(view, node)
+                if isinstance(found, Layer):
+                    layers.append(found)
+                else:
+                    skipped[node.name or node.output[0]] = found
+        covs = self._covariances(model, layers, ctx)
+        changed, details = [], {}
+        for layer in layers:
+            outcome = self._split(model, view, layer, covs.get(layer.label))
+            if isinstance(outcome, str):
+                skipped[layer.label] = outcome
+            else:
+                changed.append(layer.label)
+                details[layer.label] = outcome
+        _drop_unused_initializers(model)
+        mode = "data-aware" if self.data_aware else "weight"
+        return PassResult(model, changed, {"mode": mode, "layers": details, "skipped": skipped})
+
+    def _select(self, view: GraphView, node: onnx.NodeProto) -> Layer | str:
+        if (node.name or node.output[0]) in self.skip:
+            return "named in svd.skip"
+        if self.keep_heads and is_head(view, node):
+            return "output head kept (svd.keep_heads=true): no layer between it and a model output"
+        return _find_layer(view, node, self.conv_mode)
+
+    def _covariances(self, model: onnx.ModelProto, layers: list[Layer], ctx: PassContext) -> dict:
+        """E[x x^T] of each layer's input rows on the fit samples, accumulated one sample at a time."""
+        wanted = [la for la in layers if la.kind != "spatial" and la.w.shape[0] <= MAX_COVARIANCE_DIM]
+        if not self.data_aware or not wanted:
+            return {}
+        ctx.require_data("svd", "data_aware=true fits each split to the layer's outputs; or --opt svd.data_aware=false")
+        sums = {la.label: np.zeros((la.w.shape[0],) * 2) for la in wanted}
+        counts = dict.fromkeys(sums, 0)
+
+        def update(values: dict[str, np.ndarray]) -> None:
+            for la in wanted:
+                r = la.rows(values[la.node.input[0]].astype(np.float64))
+                sums[la.label] += r.T @ r
+                counts[la.label] += len(r)
+
+        names = sorted({la.node.input[0] for la in wanted})
+        ctx.reduce(model, names, update, desc="svd: input covariances")
+        return {k: sums[k] / max(counts[k], 1) for k in sums}
+
+    def _split(self, model: onnx.ModelProto, view: GraphView, layer: Layer, cov: np.ndarray | None) -> dict | str:
+        dtype = view.constant(layer.node.input[1]).dtype
+        if layer.kind == "spatial":
+            o, i, kh, kw = layer.w.shape
+            s = np.linalg.svd(layer.w.transpose(1, 2, 0, 3).reshape(i * kh, o * kw), compute_uv=False)
+        else:
+            s, _ = right_basis(layer.w, cov)
+        rank = pick_rank(s, self.rank_ratio, self.energy, self.min_rank)
+        new_macs = layer.split_macs(rank)
+        if new_macs >= layer.macs:
+            return f"split at rank {rank} would not reduce MACs ({new_macs} >= {layer.macs})"
+        info: dict = {"kind": layer.kind, "rank": rank, "full_rank": len(s), "macs_before": layer.macs,
+                      "macs_after": new_macs}
+        if layer.kind == "spatial":
+            first, second = spatial_factor(layer.w, rank)
+        else:
+            a, b = lowrank_factor(layer.w, rank, cov)
+            first, second = _weights(layer, a, b)
+            if cov is not None:
+                plain_a, plain_b = lowrank_factor(layer.w, rank)
+                info["output_error"] = output_error(layer.w, a @ b, cov)
+                info["output_error_weight_svd"] = output_error(layer.w, plain_a @ plain_b, cov)
+        _replace(model, layer.node, _replacement(model, layer, first, second, dtype))
+        return info
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def _replace(model: onnx.ModelProto, old: onnx.NodeProto, new: list[onnx.NodeProto]) -> None:
+    nodes = list(model.graph.node)
+    at = next(i for i, n in enumerate(nodes) if n is old or n == old)
+    nodes[at : at + 1] = new
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    used = {name for node in model.graph.node for name in node.input}
+    used.update(o.name for o in model.graph.output)
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)

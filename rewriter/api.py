@@ -1,0 +1,172 @@
+"""The Python API: `rewrite(model, passes=[...], target=..., calib=..., options={...})`."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from . import capture, metrics
+from .calib import Calibration, load_calibration, split, synthetic_calibration
+from .canonical import canonicalize, resolve_input_shapes
+from .errors import UsageError
+from .loading import load_model, save_model
+from .output import check_out_dir, staged_dir
+from .pass_api import PassContext
+from .pipeline import Reference, checked, run_passes
+from .progress import log
+from .registry import make_pass
+
+# The package that lowers models through TVM; the core reaches it by name only.
+TARGETS_PACKAGE = "targets"
+SYNTHETIC_SAMPLES = 64
+
+
+@dataclass
+class RewriteResult:
+    model: onnx.ModelProto
+    report: dict
+    out_dir: Path | None = None
+    artifacts: dict[str, Path] = field(default_factory=dict)
+
+
+def _targets():
+    return importlib.import_module(TARGETS_PACKAGE)
+
+
+def _load_calib(
+    calib: str | Path | Calibration | Mapping | None, model: onnx.ModelProto, shapes: Mapping, seed: int
+) -> Calibration | None:
+    if calib is None or isinstance(calib, Calibration):
+        return calib
+    if isinstance(calib, Mapping):
+        from .calib import LABELS, _checked
+
+        arrays = {k: np.asarray(v) for k, v in calib.items() if k != LABELS}
+        labels = calib.get(LABELS)
+        return _checked(arrays, None if labels is None else np.asarray(labels), model, "arrays")
+    if str(calib) == "synthetic":
+        return synthetic_calibration(model, shapes, SYNTHETIC_SAMPLES, seed)
+    return load_calibration(calib, model)
+
+
+def _check_calib_shapes(calib: Calibration, shapes: Mapping[str, list[int]]) -> None:
+    for name, sample in calib.sample_shapes().items():
+        if list(sample) != list(shapes[name][1:]):
+            raise UsageError(
+                f"calibration array {name!r} has samples of shape {list(sample)} but the model is "
+                f"built for {shapes[name]}"
+            )
+
+
+def _plan(passes: Sequence[str], options: Mapping[str, Mapping[str, Any]]) -> list[tuple[Any, dict]]:
+    """Instantiate every pass up front, so a bad name or option fails before any work."""
+    unused = sorted(set(options) - set(passes))
+    for name in unused:
+        make_pass(name, options[name])  # still validated: a typo must not pass silently
+        log(f"options for pass {name!r} given but the pass is not run")
+    return [(make_pass(name, options.get(name, {})), dict(options.get(name, {}))) for name in passes]
+
+
+def rewrite(
+    model: str | Path | onnx.ModelProto,
+    passes: Sequence[str] = (),
+    target: str = "none",
+    calib: str | Path | Calibration | Mapping | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    out_dir: str | Path | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    max_drop: float | None = None,
+    seed: int = 0,
+    holdout: float = 0.25,
+    force: bool = False,
+    tune_trials: int = 0,
+    tuning_db: str | None = None,
+) -> RewriteResult:
+    """Canonicalise, run the passes with their checks, and (with out_dir) write model, artifact, report."""
+    start = time.perf_counter()
+    path = None if isinstance(model, onnx.ModelProto) else Path(model)
+    if out_dir is not None:
+        check_out_dir(Path(out_dir), force)
+    spec = _targets().resolve_target(target)
+    plan = _plan(list(passes), options or {})
+    original = load_model(path) if path is not None else model
+    input_bytes = path.stat().st_size if path is not None else metrics.count_bytes(original)
+
+    data = _load_calib(calib, original, input_shapes or {}, seed)
+    shapes = resolve_input_shapes(original, input_shapes, data.sample_shapes() if data else None)
+    if data is not None:
+        _check_calib_shapes(data, shapes)
+    if max_drop is not None and data is None:
+        raise UsageError("--max-drop needs calibration data to measure fidelity (--calib)")
+    log(f"canonicalising for input shape(s) {shapes}")
+    base = checked(canonicalize(original, shapes), "canonicalisation")
+
+    fit, reference, canonical_fid = None, None, None
+    if data is not None:
+        fit, held = split(data, holdout, seed)
+        names = [o.name for o in original.graph.output]
+        outputs = capture.collect(original, held, names, desc="reference outputs")
+        reference = Reference(held, names, outputs)
+        canonical_fid = reference.measure(base)
+    ctx = PassContext(fit=fit, seed=seed)
+    final, records = run_passes(base, plan, ctx, reference, max_drop)
+
+    report = {
+        "input": {**metrics.summarize(base, str(path) if path else None), "bytes": input_bytes,
+                  "params": metrics.count_params(original)},
+        "output": metrics.summarize(final, None),
+        "input_shapes": shapes,
+        "seed": seed,
+        "calibration": _calib_report(data, fit, reference),
+        "canonical_fidelity": canonical_fid,
+        "passes": records,
+        "fidelity": records[-1]["fidelity"] if records else canonical_fid,
+        "max_drop": max_drop,
+        "target": {"name": spec.name, "tvm_target": spec.tvm_target, "artifact": None,
+                   "tuning_trials": tune_trials, "tuning_db": tuning_db},
+    }
+    result = RewriteResult(final, report)
+    if out_dir is not None:
+        _write(result, Path(out_dir), spec, force, tune_trials, tuning_db, start)
+    report["seconds"] = round(time.perf_counter() - start, 3)
+    return result
+
+
+def _calib_report(data: Calibration | None, fit: Calibration | None, ref: Reference | None) -> dict | None:
+    if data is None:
+        return None
+    return {
+        "source": data.source,
+        "samples": len(data),
+        "fit_samples": len(fit) if fit else 0,
+        "held_out_samples": len(ref.held) if ref else 0,
+        "labels": data.labels is not None,
+    }
+
+
+def _write(
+    result: RewriteResult, out_dir: Path, spec, force: bool, tune_trials: int, tuning_db, start: float
+) -> None:
+    with staged_dir(out_dir, force) as stage:
+        save_model(result.model, stage / "model.onnx")
+        result.report["output"]["path"] = str(out_dir.resolve() / "model.onnx")
+        if spec.name != "none":
+            log(f"building for target {spec.name}")
+        artifact = stage / f"model.{spec.artifact_suffix}.so"
+        target = _targets().build_artifact(result.model, spec, artifact, tune_trials, tuning_db, log)
+        result.report["target"].update(target)
+        # The report is final only after every other file is in place; write it last.
+        result.report["seconds"] = round(time.perf_counter() - start, 3)
+        (stage / "report.json").write_text(json.dumps(result.report, indent=2) + "\n")
+    result.out_dir = out_dir
+    result.artifacts = {"model": out_dir / "model.onnx", "report": out_dir / "report.json"}
+    if result.report["target"].get("artifact"):
+        result.artifacts["library"] = out_dir / result.report["target"]["artifact"]

@@ -1,0 +1,125 @@
+"""Calibration data: loading and checking an .npz, synthetic data on request, fit/held-out split."""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .canonical import declared_shape, graph_inputs
+from .errors import UsageError
+
+LABELS = "labels"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Samples for every model input (first axis = samples) and optional labels."""
+
+    inputs: Mapping[str, np.ndarray]
+    labels: np.ndarray | None
+    source: str
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def take(self, index: np.ndarray) -> Calibration:
+        labels = None if self.labels is None else self.labels[index]
+        return Calibration({k: v[index] for k, v in self.inputs.items()}, labels, self.source)
+
+    def samples(self) -> Iterator[dict[str, np.ndarray]]:
+        """One feed per sample, batch axis kept (models are canonicalised to batch 1)."""
+        for i in range(len(self)):
+            yield {k: v[i : i + 1] for k, v in self.inputs.items()}
+
+    def sample_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: v.shape[1:] for k, v in self.inputs.items()}
+
+
+def _input_dtypes(model: onnx.ModelProto) -> dict[str, np.dtype]:
+    return {
+        v.name: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type))
+        for v in graph_inputs(model)
+    }
+
+
+def load_calibration(path: str | Path, model: onnx.ModelProto) -> Calibration:
+    """Read FILE.npz (no pickle), check it against the model's inputs, cast to their dtypes."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"calibration file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except ValueError as exc:
+        if "pickle" in str(exc):
+            raise UsageError(f"{path} holds object arrays that need pickle; refusing to load it") from exc
+        raise UsageError(f"{path} is not a readable .npz file: {exc}") from exc
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise UsageError(f"{path} is not a readable .npz file: {exc}") from exc
+    labels = arrays.pop(LABELS, None)
+    return _checked(arrays, labels, model, str(path))
+
+
+def _checked(
+    arrays: dict[str, np.ndarray], labels: np.ndarray | None, model: onnx.ModelProto, source: str
+) -> Calibration:
+    dtypes = _input_dtypes(model)
+    if set(arrays) != set(dtypes):
+        raise UsageError(
+            f"calibration arrays {sorted(arrays)} do not match the model's inputs {sorted(dtypes)}"
+        )
+    counts = {len(a) if a.ndim else 0 for a in arrays.values()}
+    if len(counts) != 1 or 0 in counts:
+        raise UsageError("calibration arrays must all have the same, non-zero number of samples")
+    for value in graph_inputs(model):
+        _check_sample_shape(value.name, declared_shape(value), arrays[value.name].shape)
+    if labels is not None and (labels.ndim != 1 or len(labels) != counts.pop()):
+        raise UsageError("calibration 'labels' must be 1-D with one label per sample")
+    cast = {k: np.ascontiguousarray(v, dtype=dtypes[k]) for k, v in arrays.items()}
+    return Calibration(cast, None if labels is None else labels.astype(np.int64), source)
+
+
+def _check_sample_shape(name: str, declared: list[int | str], shape: tuple[int, ...]) -> None:
+    if len(shape) != len(declared):
+        raise UsageError(
+            f"calibration array {name!r} has shape {list(shape)}; the model's input is {declared} "
+            "(samples go on the first axis)"
+        )
+    for want, got in zip(declared[1:], shape[1:], strict=True):
+        if isinstance(want, int) and want > 0 and want != got:
+            raise UsageError(
+                f"calibration array {name!r} has samples of shape {list(shape[1:])}; "
+                f"the model's input is {declared}"
+            )
+
+
+def synthetic_calibration(
+    model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]], count: int, seed: int
+) -> Calibration:
+    """Uniform [0, 1) floats (or small integers) of the fixed input shapes; only when asked for."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for name, dtype in _input_dtypes(model).items():
+        shape = (count, *input_shapes[name][1:])
+        if np.issubdtype(dtype, np.floating):
+            arrays[name] = rng.random(shape).astype(dtype)
+        else:
+            arrays[name] = rng.integers(0, 2, shape).astype(dtype)
+    return Calibration(arrays, None, "synthetic")
+
+
+def split(calib: Calibration, holdout: float, seed: int) -> tuple[Calibration, Calibration]:
+    """A seeded split into the part passes fit on and the held-out part fidelity is measured on."""
+    if not 0.0 < holdout < 1.0:
+        raise UsageError(f"--holdout must be between 0 and 1, got {holdout}")
+    n = len(calib)
+    if n < 2:
+        raise UsageError("calibration needs at least 2 samples (one to fit, one held out)")
+    order = np.random.default_rng(seed).permutation(n)
+    n_held = min(n - 1, max(1, round(n * holdout)))
+    return calib.take(np.sort(order[n_held:])), calib.take(np.sort(order[:n_held]))

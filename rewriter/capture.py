@@ -1,0 +1,82 @@
+"""Running models in onnxruntime: outputs and intermediate activations, sample by sample."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .calib import Calibration
+from .errors import ModelError
+from .loading import serialize
+from .progress import progress
+
+
+def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy whose graph outputs are exactly `names` (intermediate tensors exposed)."""
+    known = {v.name: v for v in [*model.graph.value_info, *model.graph.output, *model.graph.input]}
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    exposed.graph.ClearField("output")
+    for name in names:
+        value = known.get(name) or onnx.helper.make_empty_tensor_value_info(name)
+        exposed.graph.output.append(value)
+    return exposed
+
+
+def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
+    """An onnxruntime CPU session with graph optimisations off, so tensor names survive."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(serialize(model), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types per failure
+        raise ModelError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from exc
+
+
+def run(
+    model: onnx.ModelProto,
+    calib: Calibration,
+    names: Sequence[str] | None = None,
+    desc: str | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yield {tensor name: value} for each sample; only one sample's tensors are held at a time."""
+    names = list(names) if names is not None else [o.name for o in model.graph.output]
+    sess = session(_with_outputs(model, names))
+    for feed in progress(calib.samples(), total=len(calib), desc=desc):
+        try:
+            values = sess.run(names, feed)
+        except Exception as exc:
+            raise ModelError(f"onnxruntime failed to run the model: {str(exc).splitlines()[0]}") from exc
+        yield dict(zip(names, values, strict=True))
+
+
+def collect(
+    model: onnx.ModelProto,
+    calib: Calibration,
+    names: Sequence[str] | None = None,
+    desc: str | None = None,
+) -> dict[str, np.ndarray]:
+    """All samples' values of `names`, concatenated along the batch axis."""
+    names = list(names) if names is not None else [o.name for o in model.graph.output]
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for values in run(model, calib, names, desc):
+        for name, value in values.items():
+            parts[name].append(value)
+    return {n: np.concatenate(v, axis=0) if v[0].ndim else np.stack(v) for n, v in parts.items()}
+
+
+def reduce(
+    model: onnx.ModelProto,
+    calib: Calibration,
+    names: Sequence[str],
+    update: Callable[[dict[str, np.ndarray]], None],
+    desc: str | None = None,
+) -> None:
+    """Stream samples' tensors into `update` (e.g. to accumulate a covariance) in bounded memory."""
+    for values in run(model, calib, names, desc):
+        update(values)

@@ -1,0 +1,141 @@
+"""The `rewrite` command line (DESIGN.md's contract: flags, outputs, exit codes)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tomllib
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .api import rewrite
+from .canonical import parse_input_shape
+from .errors import RewriterError, UsageError
+from .progress import set_quiet
+from .registry import available_passes
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, no usage dump
+        print(f"rewrite: error: {message}", file=sys.stderr)
+        sys.exit(UsageError.exit_code)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="rewrite", description="Rewrite an ONNX model through compression passes and build it with TVM.")
+    p.add_argument("model", help="input ONNX model (never modified)")
+    p.add_argument("--passes", default=None, help="comma-separated passes, in order (omit: canonicalise only)")
+    p.add_argument("--target", default=None, help="x86, arm, cuda, none, or a TVM target as JSON (default none)")
+    p.add_argument("-o", "--out", dest="out_dir", default=None, help="output directory (default ./<stem>.rewritten)")
+    p.add_argument("--calib", default=None, help="calibration FILE.npz (one array per input), or 'synthetic'")
+    p.add_argument("--opt", action="append", default=[], metavar="PASS.KEY=VALUE", help="a pass option")
+    p.add_argument("--config", default=None, metavar="FILE.toml", help="defaults for these flags; flags win")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3xHxW", help="fix an input shape")
+    p.add_argument("--max-drop", type=float, default=None, help="refuse (exit 4) a pass whose fidelity drop exceeds X")
+    p.add_argument("--holdout", type=float, default=None, help="share of calibration held out for fidelity (0.25)")
+    p.add_argument("--seed", type=int, default=None, help="seed for every random choice (default 0)")
+    p.add_argument("--tune-trials", type=int, default=None, help="MetaSchedule trials (default 0: no tuning)")
+    p.add_argument("--tuning-db", default=None, metavar="DIR", help="tuning database to reuse and extend")
+    p.add_argument("--rpc", default=None, metavar="HOST:PORT", help="remote measurement (not supported yet)")
+    p.add_argument("--device-key", default=None, help="RPC device key (with --rpc)")
+    p.add_argument("--bench", action="store_true", help="time the original and rewritten models (not supported yet)")
+    p.add_argument("--budget", default=None, metavar="macs=0.5", help="MAC budget for budget-aware passes")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version="rewrite 0.1.0")
+    return p
+
+
+def parse_opts(items: Sequence[str]) -> dict[str, dict[str, str]]:
+    """['svd.rank_ratio=0.25'] -> {'svd': {'rank_ratio': '0.25'}}."""
+    options: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        pass_name, dot, option = key.partition(".")
+        if not sep or not dot or not pass_name or not option:
+            raise UsageError(f"malformed --opt {item!r}: expected PASS.KEY=VALUE")
+        options.setdefault(pass_name.strip(), {})[option.strip()] = value
+    return options
+
+
+def _read_config(path: str | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"cannot read config {path}: {exc}") from exc
+
+
+def _merged(args: argparse.Namespace) -> dict[str, Any]:
+    """Flags over the TOML config over built-in defaults."""
+    config = _read_config(args.config)
+    known = {"passes", "target", "out_dir", "calib", "options", "input_shapes", "max_drop", "holdout", "seed",
+             "tune_trials", "tuning_db", "force"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise UsageError(f"unknown key(s) in {args.config}: {', '.join(unknown)}")
+    passes = args.passes if args.passes is not None else config.get("passes", [])
+    if isinstance(passes, str):
+        passes = [p.strip() for p in passes.split(",") if p.strip()]
+    options = {k: dict(v) for k, v in config.get("options", {}).items()}
+    for name, values in parse_opts(args.opt).items():
+        options.setdefault(name, {}).update(values)
+    shapes = dict(config.get("input_shapes", {}))
+    shapes.update(parse_input_shape(s) for s in args.input_shape)
+
+    def pick(name: str, default: Any) -> Any:
+        value = getattr(args, name)
+        return value if value not in (None, False) else config.get(name, default)
+
+    return {
+        "passes": passes, "options": options, "input_shapes": shapes or None,
+        "target": pick("target", "none"), "calib": pick("calib", None), "max_drop": pick("max_drop", None),
+        "holdout": pick("holdout", 0.25), "seed": pick("seed", 0), "tune_trials": pick("tune_trials", 0),
+        "tuning_db": pick("tuning_db", None), "force": pick("force", False),
+        "out_dir": pick("out_dir", None) or f"{Path(args.model).stem}.rewritten",
+    }
+
+
+def _unsupported(args: argparse.Namespace) -> None:
+    if args.rpc or args.device_key:
+        raise UsageError("--rpc/--device-key remote measurement is not supported yet")
+    if args.bench:
+        raise UsageError("--bench is not supported yet")
+    if args.budget:
+        raise UsageError("--budget is not supported yet: no budget-aware pass is installed")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    set_quiet(args.quiet)
+    try:
+        _unsupported(args)
+        settings = _merged(args)
+        unknown = [p for p in settings["passes"] if p not in available_passes()]
+        if unknown:
+            raise UsageError(f"unknown pass {unknown[0]!r}; available: {', '.join(available_passes())}")
+        result = rewrite(args.model, **settings)
+    except RewriterError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"rewrite: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("rewrite: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an internal bug: still one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"rewrite: internal error: {type(exc).__name__}: {exc} (rerun with --debug)", file=sys.stderr)
+        return 1
+    print(result.out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

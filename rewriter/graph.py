@@ -1,0 +1,93 @@
+"""A read-only view of an ONNX graph: producers, consumers, constants and static shapes."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from functools import cached_property
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+
+class GraphView:
+    """Lookup tables over a (shape-inferred) model. Rebuild it after editing the model."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.graph = model.graph
+
+    @cached_property
+    def _producers(self) -> dict[str, onnx.NodeProto]:
+        return {out: node for node in self.graph.node for out in node.output if out}
+
+    @cached_property
+    def _consumers(self) -> dict[str, list[onnx.NodeProto]]:
+        table: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.graph.node:
+            for name in node.input:
+                if name:
+                    table[name].append(node)
+        return table
+
+    @cached_property
+    def _initializers(self) -> dict[str, onnx.TensorProto]:
+        return {t.name: t for t in self.graph.initializer}
+
+    @cached_property
+    def _shapes(self) -> dict[str, list[int | None]]:
+        shapes: dict[str, list[int | None]] = {}
+        values = [*self.graph.input, *self.graph.value_info, *self.graph.output]
+        for value in values:
+            if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
+                dims = value.type.tensor_type.shape.dim
+                shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+        for tensor in self.graph.initializer:
+            shapes[tensor.name] = list(tensor.dims)
+        return shapes
+
+    def producer(self, name: str) -> onnx.NodeProto | None:
+        return self._producers.get(name)
+
+    def consumers(self, name: str) -> list[onnx.NodeProto]:
+        return list(self._consumers.get(name, []))
+
+    def is_initializer(self, name: str) -> bool:
+        return name in self._initializers
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of an initializer, or None for a computed tensor."""
+        tensor = self._initializers.get(name)
+        return None if tensor is None else numpy_helper.to_array(tensor)
+
+    def shape(self, name: str) -> list[int | None] | None:
+        return self._shapes.get(name)
+
+    def static_shape(self, name: str) -> list[int] | None:
+        shape = self.shape(name)
+        if shape is None or any(d is None for d in shape):
+            return None
+        return [int(d) for d in shape]
+
+    def is_graph_output(self, name: str) -> bool:
+        return any(o.name == name for o in self.graph.output)
+
+
+def attributes(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def unique_name(model: onnx.ModelProto, base: str) -> str:
+    """A tensor/node name not used anywhere in the top-level graph."""
+    taken = {t.name for t in model.graph.initializer}
+    taken.update(v.name for v in model.graph.input)
+    for node in model.graph.node:
+        taken.update(node.input)
+        taken.update(node.output)
+        taken.add(node.name)
+    if base not in taken:
+        return base
+    i = 1
+    while f"{base}_{i}" in taken:
+        i += 1
+    return f"{base}_{i}"

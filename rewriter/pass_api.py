@@ -1,0 +1,63 @@
+"""What a pass is: the protocol, the context it reads, and the result it returns."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+import numpy as np
+import onnx
+
+from . import capture
+from .calib import Calibration
+from .errors import UsageError
+from .progress import log
+
+
+@dataclass
+class PassContext:
+    """Everything a pass may read besides the model: fit samples, the seed, progress output."""
+
+    fit: Calibration | None
+    seed: int = 0
+    log: Callable[[str], None] = log
+
+    def require_data(self, pass_name: str, why: str) -> Calibration:
+        if self.fit is None:
+            raise UsageError(
+                f"pass {pass_name!r} needs calibration data ({why}): give --calib FILE.npz "
+                "or --calib synthetic"
+            )
+        return self.fit
+
+    def collect(self, model: onnx.ModelProto, names: Sequence[str], desc: str | None = None) -> dict[str, np.ndarray]:
+        """Activations of `names` on the fit samples, concatenated over samples."""
+        return capture.collect(model, self.require_data("capture", "activations"), names, desc)
+
+    def reduce(
+        self,
+        model: onnx.ModelProto,
+        names: Sequence[str],
+        update: Callable[[dict[str, np.ndarray]], None],
+        desc: str | None = None,
+    ) -> None:
+        """Stream the fit samples' activations into `update`, one sample at a time."""
+        capture.reduce(model, self.require_data("capture", "activations"), names, update, desc)
+
+
+@dataclass
+class PassResult:
+    """The rewritten model plus what the report says about it."""
+
+    model: onnx.ModelProto
+    changed: list[str] = field(default_factory=list)
+    notes: dict = field(default_factory=dict)
+
+
+class Pass(Protocol):
+    """A rewrite registered by name; options arrive as keyword arguments to __init__."""
+
+    name: ClassVar[str]
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult: ...

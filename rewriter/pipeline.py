@@ -1,0 +1,99 @@
+"""Passes in sequence, each followed by the checks: ONNX checker, shape inference, fidelity."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from . import capture, fidelity, metrics
+from .calib import Calibration
+from .errors import GuardrailError, ModelError
+from .pass_api import Pass, PassContext
+from .progress import log
+
+
+@dataclass
+class Reference:
+    """The original model's outputs on the held-out samples, kept from the start."""
+
+    held: Calibration
+    names: list[str]
+    outputs: dict[str, np.ndarray]
+
+    def measure(self, model: onnx.ModelProto, desc: str | None = None) -> dict:
+        new = capture.collect(model, self.held, self.names, desc=desc)
+        return fidelity.compare(self.names, self.outputs, new, self.held.labels)
+
+
+def checked(model: onnx.ModelProto, who: str) -> onnx.ModelProto:
+    """Full ONNX check and fresh shape inference; a failure here is a bug in `who`."""
+    model.graph.ClearField("value_info")
+    try:
+        model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        raise ModelError(f"{who} produced an invalid model: {str(exc).strip().splitlines()[0]}") from exc
+    return model
+
+
+def _guard(name: str, fid: dict | None, max_drop: float | None) -> None:
+    if max_drop is None or fid is None or fid["drop"] <= max_drop:
+        return
+    worst = fid["channel_cosine_worst"]
+    raise GuardrailError(
+        f"pass {name!r} dropped fidelity by {fid['drop']:.4f} > --max-drop {max_drop} "
+        f"(worst channel cosine {fid['channel_cosine_min']:.4f} at {worst['output']}[{worst['channel']}]"
+        + (f", top-1 agreement {fid['top1_agreement']:.4f}" if "top1_agreement" in fid else "")
+        + ")"
+    )
+
+
+def run_passes(
+    model: onnx.ModelProto,
+    passes: Sequence[tuple[Pass, dict]],
+    ctx: PassContext,
+    reference: Reference | None,
+    max_drop: float | None,
+) -> tuple[onnx.ModelProto, list[dict]]:
+    """Run each (pass, options) in order; return the final model and one record per pass."""
+    records = []
+    for rewrite, options in passes:
+        name = rewrite.name
+        log(f"pass {name} ...")
+        start = time.perf_counter()
+        macs_before, bytes_before = metrics.count_macs(model), metrics.count_bytes(model)
+        result = rewrite.run(model, ctx)
+        new = checked(result.model, f"pass {name!r}")
+        fid = reference.measure(new, desc=f"fidelity after {name}") if reference else None
+        record = {
+            "name": name,
+            "options": options,
+            "changed": list(result.changed),
+            "macs_before": macs_before,
+            "macs_after": metrics.count_macs(new),
+            "bytes_before": bytes_before,
+            "bytes_after": metrics.count_bytes(new),
+            "fidelity": fid,
+            "seconds": round(time.perf_counter() - start, 3),
+            "notes": result.notes,
+        }
+        records.append(record)
+        log(_summary(record))
+        _guard(name, fid, max_drop)
+        model = new
+    return model, records
+
+
+def _summary(record: dict) -> str:
+    fid = record["fidelity"]
+    quality = f", drop {fid['drop']:.4f}" if fid else ""
+    ratio = record["macs_after"] / max(record["macs_before"], 1)
+    return (
+        f"pass {record['name']}: {len(record['changed'])} layer(s) changed, "
+        f"MACs x{ratio:.3f}, bytes {record['bytes_before']} -> {record['bytes_after']}{quality} "
+        f"({record['seconds']:.1f} s)"
+    )

@@ -1,0 +1,84 @@
+"""Passes registered by name; the core finds them here, never by importing them."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import UsageError
+from .pass_api import Pass
+
+_passes: dict[str, type] = {}
+# The package holding the built-in passes; it registers them when imported.
+BUILTIN_PACKAGE = "passes"
+
+
+def register_pass(name: str):
+    """Class decorator: `@register_pass("svd")`."""
+
+    def decorate(cls: type) -> type:
+        if name in _passes and _passes[name] is not cls:
+            raise ValueError(f"pass {name!r} is registered twice")
+        cls.name = name
+        _passes[name] = cls
+        return cls
+
+    return decorate
+
+
+def _load_builtin() -> None:
+    if not _passes:
+        importlib.import_module(BUILTIN_PACKAGE)
+
+
+def available_passes() -> list[str]:
+    _load_builtin()
+    return sorted(_passes)
+
+
+def get_pass(name: str) -> type:
+    _load_builtin()
+    if name not in _passes:
+        raise UsageError(f"unknown pass {name!r}; available: {', '.join(sorted(_passes))}")
+    return _passes[name]
+
+
+def pass_options(name: str) -> dict[str, Any]:
+    """The pass's options and their defaults, read from its __init__ signature."""
+    params = inspect.signature(get_pass(name).__init__).parameters
+    return {k: p.default for k, p in params.items() if k != "self" and p.kind == p.KEYWORD_ONLY}
+
+
+def _coerce(pass_name: str, key: str, value: Any, default: Any) -> Any:
+    if not isinstance(value, str) or isinstance(default, str):
+        return value
+    text = value.strip()
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in {"true", "false", "1", "0", "yes", "no"}:
+                raise ValueError(text)
+            return text.lower() in {"true", "1", "yes"}
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float) or default is None:
+            return float(text) if text.lower() not in {"none", ""} else None
+    except ValueError:
+        raise UsageError(f"option {pass_name}.{key}={value!r} is not a valid {type(default).__name__}") from None
+    return value
+
+
+def make_pass(name: str, options: Mapping[str, Any] | None = None) -> Pass:
+    """Instantiate a pass with string or typed options checked against its signature."""
+    cls = get_pass(name)
+    known = pass_options(name)
+    kwargs = {}
+    for key, value in (options or {}).items():
+        if key not in known:
+            raise UsageError(f"unknown option {name}.{key}; {name} takes: {', '.join(sorted(known)) or 'none'}")
+        kwargs[key] = _coerce(name, key, value, known[key])
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        raise UsageError(f"bad options for pass {name!r}: {exc}") from exc
