@@ -1,0 +1,95 @@
+"""Shared test helpers: tiny models built with onnx.helper, op counts, output comparison."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "samples"
+CALIB = SAMPLES / "digits_calib.npz"
+
+
+def make_model(nodes, inputs, outputs, initializers=(), opset: int = 17) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def tensor(name: str, array: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(array, dtype=np.float32), name)
+
+
+def value(name: str, shape) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def mlp_model(seed: int = 0, dims=(16, 32, 8)) -> onnx.ModelProto:
+    """x[N, d0] -> Gemm -> Relu -> MatMul -> y[N, d2]."""
+    rng = np.random.default_rng(seed)
+    d0, d1, d2 = dims
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"),
+    ]
+    inits = [tensor("w1", rng.normal(size=(d1, d0))), tensor("b1", rng.normal(size=d1)),
+             tensor("w2", rng.normal(size=(d1, d2)))]
+    return make_model(nodes, [value("x", ["N", d0])], [value("y", ["N", d2])], inits)
+
+
+def conv_model(seed: int = 0, channels=(3, 16, 32), size: int = 12, group2: int = 1) -> onnx.ModelProto:
+    """x[N, c0, s, s] -> Conv3x3 -> Relu -> Conv3x3(stride 2, group2) -> y."""
+    rng = np.random.default_rng(seed)
+    c0, c1, c2 = channels
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2", "b2"], ["y"], name="conv2", pads=[1, 1, 1, 1], strides=[2, 2],
+                         group=group2),
+    ]
+    inits = [tensor("w1", rng.normal(size=(c1, c0, 3, 3))), tensor("b1", rng.normal(size=c1)),
+             tensor("w2", rng.normal(size=(c2, c1 // group2, 3, 3))), tensor("b2", rng.normal(size=c2))]
+    return make_model(nodes, [value("x", ["N", c0, size, size])], [value("y", ["N", c2, (size + 1) // 2, (size + 1) // 2])], inits)
+
+
+def op_counts(model: onnx.ModelProto) -> Counter:
+    return Counter(n.op_type for n in model.graph.node)
+
+
+def assert_op_counts(model: onnx.ModelProto, **expected: int) -> None:
+    counts = op_counts(model)
+    for op, n in expected.items():
+        assert counts[op] == n, f"{op}: expected {n}, found {counts[op]} ({dict(counts)})"
+
+
+def run_ort(model: onnx.ModelProto | str | Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    sess = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def assert_outputs_close(a, b, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+
+def save_npz(path: Path, **arrays) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+def set_initializer(model: onnx.ModelProto, name: str, array: np.ndarray) -> onnx.ModelProto:
+    for i, t in enumerate(model.graph.initializer):
+        if t.name == name:
+            model.graph.initializer[i].CopyFrom(tensor(name, array))
+            return model
+    raise KeyError(name)

@@ -1,0 +1,138 @@
+"""The svd pass: numeric fits, graph rewrites equal to the original at full rank, and the MLP sample."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from passes.svd import SvdPass, lowrank_factor, output_error, pick_rank, spatial_factor
+from rewriter import rewrite
+from rewriter.calib import Calibration
+from rewriter.canonical import canonicalize
+from rewriter.pass_api import PassContext
+from rewriter.pipeline import checked
+from tests.helpers import (
+    CALIB,
+    SAMPLES,
+    assert_op_counts,
+    assert_outputs_close,
+    conv_model,
+    mlp_model,
+    run_ort,
+    set_initializer,
+)
+
+
+def _context(shape, n=64, seed=0) -> PassContext:
+    rng = np.random.default_rng(seed)
+    return PassContext(fit=Calibration({"x": rng.normal(size=(n, *shape)).astype(np.float32)}, None, "test"))
+
+
+def test_lowrank_error_falls_with_rank():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(40, 30))
+    errors = [np.linalg.norm(w - np.matmul(*lowrank_factor(w, r))) for r in (2, 8, 16, 30)]
+    assert errors == sorted(errors, reverse=True)
+    assert errors[-1] < 1e-9
+
+
+def test_data_aware_beats_weight_svd_on_correlated_inputs():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2000, 5)) @ rng.normal(size=(5, 40))  # inputs live in a 5-D subspace
+    x += 0.01 * rng.normal(size=x.shape)
+    w = rng.normal(size=(40, 30))
+    cov = x.T @ x / len(x)
+    aware = output_error(w, np.matmul(*lowrank_factor(w, 5, cov)), cov)
+    plain = output_error(w, np.matmul(*lowrank_factor(w, 5)), cov)
+    assert aware < 0.05 < plain
+
+
+def test_pick_rank_by_ratio_and_energy():
+    s = np.array([10.0, 5.0, 1.0, 0.1])
+    assert pick_rank(s, 0.5, None) == 2
+    assert pick_rank(s, 0.5, 0.995) == 3  # energies: 0.794, 0.992, 0.9999
+    assert pick_rank(s, 0.01, None, min_rank=2) == 2
+
+
+def test_spatial_factor_is_exact_at_full_rank():
+    w = np.random.default_rng(2).normal(size=(6, 4, 3, 3))
+    v, h = spatial_factor(w, min(4 * 3, 6 * 3))
+    rebuilt = np.einsum("ork,riy->oiyk", h[:, :, 0], v[..., 0])
+    np.testing.assert_allclose(rebuilt, w, atol=1e-9)
+
+
+def _canonical(model, shape):
+    return canonicalize(model, {"x": [1, *shape]})
+
+
+@pytest.mark.parametrize("data_aware", [True, False])
+def test_gemm_and_matmul_split_is_exact_for_low_rank_weights(data_aware):
+    rng = np.random.default_rng(5)
+    model = mlp_model(dims=(16, 48, 40))
+    set_initializer(model, "w1", rng.normal(size=(48, 3)) @ rng.normal(size=(3, 16)))  # Gemm, transB
+    set_initializer(model, "w2", rng.normal(size=(48, 4)) @ rng.normal(size=(4, 40)))  # MatMul
+    model = _canonical(model, [16])
+    result = SvdPass(energy=1.0, keep_heads=False, data_aware=data_aware).run(model, _context([16]))
+    assert result.changed == ["fc1", "fc2"]
+    assert [v["rank"] for v in result.notes["layers"].values()] == [3, 4]
+    new = checked(result.model, "svd")
+    assert_op_counts(new, MatMul=2, Gemm=2)
+    x = np.random.default_rng(3).normal(size=(1, 16)).astype(np.float32)
+    assert_outputs_close(run_ort(new, {"x": x}), run_ort(model, {"x": x}), rtol=1e-3, atol=1e-3)
+
+
+def test_full_rank_split_is_refused_as_it_adds_macs():
+    model = _canonical(mlp_model(dims=(16, 48, 40)), [16])
+    result = SvdPass(rank_ratio=1.0, keep_heads=False).run(model, _context([16]))
+    assert result.changed == []
+    assert "would not reduce MACs" in result.notes["skipped"]["fc1"]
+
+
+@pytest.mark.parametrize("mode", ["channel", "spatial"])
+def test_conv_split_is_exact_for_low_rank_weights(mode):
+    rng = np.random.default_rng(6)
+    model = conv_model(channels=(3, 16, 64))
+    if mode == "channel":
+        w2 = (rng.normal(size=(16 * 9, 5)) @ rng.normal(size=(5, 64))).T.reshape(64, 16, 3, 3)
+    else:
+        w2 = np.einsum("ork,riy->oiyk", rng.normal(size=(64, 5, 3)), rng.normal(size=(5, 16, 3)))
+    model = _canonical(set_initializer(model, "w2", w2), [3, 12, 12])
+    result = SvdPass(energy=1.0, conv=mode, keep_heads=False).run(model, _context([3, 12, 12], n=8))
+    assert "conv2" in result.changed and result.notes["layers"]["conv2"]["rank"] == 5
+    new = checked(result.model, "svd")
+    assert_op_counts(new, Conv=2 + len(result.changed))
+    x = np.random.default_rng(4).normal(size=(1, 3, 12, 12)).astype(np.float32)
+    assert_outputs_close(run_ort(new, {"x": x}), run_ort(model, {"x": x}), rtol=1e-3, atol=1e-3)
+
+
+def test_depthwise_and_head_layers_are_left_alone_with_reasons():
+    model = _canonical(conv_model(channels=(3, 16, 16), group2=16), [3, 12, 12])
+    result = SvdPass(rank_ratio=0.25).run(model, _context([3, 12, 12], n=4))
+    assert "grouped" in result.notes["skipped"]["conv2"] or "head" in result.notes["skipped"]["conv2"]
+    wide = _canonical(mlp_model(dims=(16, 32, 8)), [16])
+    head = SvdPass(rank_ratio=0.25).run(wide, _context([16]))
+    assert "head" in head.notes["skipped"]["fc2"]
+
+
+def test_data_aware_needs_calibration():
+    from rewriter.errors import UsageError
+
+    model = _canonical(mlp_model(dims=(16, 48, 40)), [16])
+    with pytest.raises(UsageError, match="calibration"):
+        SvdPass(keep_heads=False).run(model, PassContext(fit=None))
+    SvdPass(keep_heads=False, data_aware=False).run(model, PassContext(fit=None))
+
+
+def test_mlp_sample_rank_quarter_halves_macs_within_one_point():
+    """Acceptance: data-aware svd at rank_ratio 0.25 on the MLP sample."""
+    aware = rewrite(SAMPLES / "digits_mlp.onnx", passes=["svd"], calib=CALIB, options={"svd": {"rank_ratio": 0.25}})
+    plain = rewrite(SAMPLES / "digits_mlp.onnx", passes=["svd"], calib=CALIB,
+                    options={"svd": {"rank_ratio": 0.25, "data_aware": False}})
+    report = aware.report
+    assert report["output"]["macs"] <= 0.5 * report["input"]["macs"]
+    fid = report["fidelity"]
+    assert fid["accuracy_before"] - fid["accuracy_after"] <= 0.01
+    assert fid["channel_cosine_min"] > plain.report["fidelity"]["channel_cosine_min"]
+    assert fid["top1_agreement"] > plain.report["fidelity"]["top1_agreement"]
+    for layer in report["passes"][0]["notes"]["layers"].values():
+        assert layer["output_error"] <= layer["output_error_weight_svd"]
