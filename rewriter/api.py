@@ -42,7 +42,7 @@ def _targets():
 
 
 def _load_calib(
-    calib: str | Path | Calibration | Mapping | None, model: onnx.ModelProto, shapes: Mapping, seed: int
+    calib: str | Path | Calibration | Mapping | None, model: onnx.ModelProto, given: Mapping | None, seed: int
 ) -> Calibration | None:
     if calib is None or isinstance(calib, Calibration):
         return calib
@@ -53,7 +53,7 @@ def _load_calib(
         labels = calib.get(LABELS)
         return _checked(arrays, None if labels is None else np.asarray(labels), model, "arrays")
     if str(calib) == "synthetic":
-        return synthetic_calibration(model, shapes, SYNTHETIC_SAMPLES, seed)
+        return synthetic_calibration(model, resolve_input_shapes(model, given), SYNTHETIC_SAMPLES, seed)
     return load_calibration(calib, model)
 
 
@@ -100,7 +100,7 @@ def rewrite(
     original = load_model(path) if path is not None else model
     input_bytes = path.stat().st_size if path is not None else metrics.count_bytes(original)
 
-    data = _load_calib(calib, original, input_shapes or {}, seed)
+    data = _load_calib(calib, original, input_shapes, seed)
     shapes = resolve_input_shapes(original, input_shapes, data.sample_shapes() if data else None)
     if data is not None:
         _check_calib_shapes(data, shapes)

@@ -1,0 +1,85 @@
+"""The whole job through the API and CLI: report contract, determinism, checks after each pass."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from rewriter import rewrite
+from rewriter.cli import main
+from tests.helpers import CALIB, SAMPLES
+
+REPORT_KEYS = {"input", "output", "passes", "fidelity", "target"}
+PASS_KEYS = {"name", "options", "changed", "macs_before", "macs_after", "bytes_before", "bytes_after", "fidelity",
+             "seconds"}
+FIDELITY_KEYS = {"top1_agreement", "cosine", "channel_cosine_min", "rel_l2", "samples", "accuracy_before",
+                 "accuracy_after"}
+
+
+def _cli(tmp_path, name: str, *extra: str) -> int:
+    return main([str(SAMPLES / "digits_mlp.onnx"), "--passes", "svd", "--calib", str(CALIB), "--quiet",
+                 "--opt", "svd.rank_ratio=0.25", "-o", str(tmp_path / name), *extra])
+
+
+def test_report_contract(tmp_path):
+    assert _cli(tmp_path, "out") == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert REPORT_KEYS <= set(report)
+    for side in ("input", "output"):
+        assert {"path", "params", "macs", "bytes"} <= set(report[side])
+    assert report["output"]["bytes"] == (tmp_path / "out" / "model.onnx").stat().st_size
+    (record,) = report["passes"]
+    assert PASS_KEYS <= set(record) and record["name"] == "svd" and record["changed"]
+    assert record["options"] == {"rank_ratio": "0.25"}
+    assert FIDELITY_KEYS <= set(report["fidelity"])
+    assert report["fidelity"]["samples"] == report["calibration"]["held_out_samples"] > 0
+    assert report["target"] == {"name": "none", "tvm_target": None, "artifact": None, "tuning_trials": 0,
+                                "tuning_db": None, **{k: report["target"][k] for k in report["target"]
+                                                      if k not in {"name", "tvm_target", "artifact", "tuning_trials",
+                                                                   "tuning_db"}}}
+    onnx.checker.check_model(str(tmp_path / "out" / "model.onnx"), full_check=True)
+
+
+def test_same_command_twice_gives_identical_model(tmp_path):
+    assert _cli(tmp_path, "a") == 0 and _cli(tmp_path, "b") == 0
+    assert (tmp_path / "a" / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()
+
+
+def test_config_file_and_flags(tmp_path):
+    config = tmp_path / "rw.toml"
+    config.write_text('passes = ["svd"]\nholdout = 0.5\n[options.svd]\nrank_ratio = 0.5\n')
+    code = main([str(SAMPLES / "digits_mlp.onnx"), "--config", str(config), "--calib", str(CALIB), "--quiet",
+                 "-o", str(tmp_path / "out")])
+    assert code == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["passes"][0]["options"] == {"rank_ratio": 0.5}
+    assert report["calibration"]["held_out_samples"] == report["calibration"]["samples"] // 2
+
+
+def test_no_passes_only_canonicalises(tmp_path):
+    result = rewrite(SAMPLES / "digits_resnet.onnx", calib=CALIB, out_dir=tmp_path / "out")
+    assert result.report["passes"] == []
+    assert result.report["fidelity"]["top1_agreement"] == 1.0
+    assert result.report["output"]["macs"] == result.report["input"]["macs"] > 0
+
+
+def test_synthetic_calibration_only_when_asked(tmp_path):
+    result = rewrite(SAMPLES / "digits_vgg.onnx", passes=["svd"], calib="synthetic",
+                     options={"svd": {"rank_ratio": 0.5}})
+    assert result.report["calibration"]["source"] == "synthetic"
+    assert result.report["passes"][0]["changed"]
+
+
+@pytest.mark.parametrize("name", ["digits_vgg", "digits_resnet", "digits_mobilenet", "digits_mlp"])
+def test_samples_reach_97_percent(name):
+    """The samples' accuracy on all held-out digits, as the README states."""
+    import onnxruntime as ort
+
+    data = np.load(CALIB)
+    sess = ort.InferenceSession(str(SAMPLES / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {"input": data["input"]})[0]
+    assert len(data["labels"]) >= 500
+    assert (logits.argmax(1) == data["labels"]).mean() >= 0.97
