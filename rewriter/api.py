@@ -108,6 +108,7 @@ def rewrite(
         raise UsageError("--max-drop needs calibration data to measure fidelity (--calib)")
     log(f"canonicalising for input shape(s) {shapes}")
     base = checked(canonicalize(original, shapes), "canonicalisation")
+    log(f"outputs built for shape(s) {_output_shapes(base)}")
 
     fit, reference, canonical_fid = None, None, None
     if data is not None:
@@ -124,6 +125,7 @@ def rewrite(
                   "params": metrics.count_params(original)},
         "output": metrics.summarize(final, None),
         "input_shapes": shapes,
+        "output_shapes": _output_shapes(final),
         "seed": seed,
         "calibration": _calib_report(data, fit, reference),
         "canonical_fidelity": canonical_fid,
@@ -138,6 +140,10 @@ def rewrite(
         _write(result, Path(out_dir), spec, force, tune_trials, tuning_db, start)
     report["seconds"] = round(time.perf_counter() - start, 3)
     return result
+
+
+def _output_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    return {o.name: [d.dim_value or d.dim_param for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
 
 
 def _calib_report(data: Calibration | None, fit: Calibration | None, ref: Reference | None) -> dict | None:
