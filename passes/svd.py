@@ -19,58 +19,17 @@ from onnx import helper, numpy_helper
 from rewriter.graph import GraphView, attributes, unique_name
 from rewriter.layers import Conv2d, conv2d_geometry, conv_patches, rows
 from rewriter.pass_api import PassContext, PassResult
+from rewriter.progress import progress
 from rewriter.registry import register_pass
+
+from ._lowrank import Moments, compensated_target, lowrank_factor, output_error, pick_rank, right_basis, spatial_factor
 
 # Above this input width a covariance would take too much memory: such layers fall back to weight SVD.
 MAX_COVARIANCE_DIM = 4608
 FLOATS = (np.float16, np.float32, np.float64)
+# Sequential fitting stops reading samples once a layer's moments rest on this many input rows.
+ROWS_PER_INPUT, MIN_ROWS = 64, 16384
 WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
-
-
-# ---- numeric fits: numpy in, numpy out ------------------------------------------------------------
-def right_basis(w: np.ndarray, cov: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Singular values and right singular vectors (columns) of W, or of S W when cov = S^T S is given.
-
-    They are the eigenpairs of W^T C W (N x N), so no square root of the K x K covariance is needed."""
-    gram = w.T @ w if cov is None else w.T @ (cov @ w)
-    values, vectors = np.linalg.eigh((gram + gram.T) / 2)
-    order = np.argsort(values)[::-1][: min(w.shape)]  # the rank is at most min(K, N)
-    return np.sqrt(np.maximum(values[order], 0.0)), vectors[:, order]
-
-
-def pick_rank(s: np.ndarray, rank_ratio: float, energy: float | None, min_rank: int = 1) -> int:
-    """Rank from a share of the full rank, or the smallest rank keeping `energy` of sum(s^2)."""
-    full = len(s)
-    if energy is not None:
-        kept = np.cumsum(s**2) / max(float(np.sum(s**2)), 1e-30)
-        rank = int(np.searchsorted(kept, energy - 1e-12) + 1)
-    else:
-        rank = math.ceil(rank_ratio * full)
-    return int(min(full, max(min_rank, rank)))
-
-
-def lowrank_factor(w: np.ndarray, rank: int, cov: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """W (K x N) ~ A (K x r) @ B (r x N); B has orthonormal rows."""
-    _, v = right_basis(w, cov)
-    basis = v[:, :rank]
-    return w @ basis, basis.T
-
-
-def output_error(w: np.ndarray, approx: np.ndarray, cov: np.ndarray) -> float:
-    """Relative output error ||X (W - W')|| / ||X W|| from the input covariance."""
-    diff = w - approx
-    return float(np.sqrt(max(np.trace(diff.T @ cov @ diff), 0.0) / max(np.trace(w.T @ cov @ w), 1e-30)))
-
-
-def spatial_factor(weight: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """W (O, I, kh, kw) ~ sum_r H[o, r, x] V[r, i, y]: V (r, I, kh, 1) then H (O, r, 1, kw)."""
-    o, i, kh, kw = weight.shape
-    m = weight.transpose(1, 2, 0, 3).reshape(i * kh, o * kw)
-    u, s, vt = np.linalg.svd(m, full_matrices=False)
-    root = np.sqrt(s[:rank])
-    vertical = (u[:, :rank] * root).T.reshape(rank, i, kh, 1)
-    horizontal = (root[:, None] * vt[:rank]).reshape(rank, o, 1, kw).transpose(1, 0, 2, 3)
-    return vertical, horizontal
 
 
 # ---- which layers, and how they are rewritten ---------------------------------------------------
@@ -213,6 +172,7 @@ class SvdPass:
         ops: str = "Gemm,MatMul,Conv",
         keep_heads: bool = True,
         skip: str = "",
+        sequential: bool = True,
     ) -> None:
         if not 0.0 < rank_ratio <= 1.0:
             raise ValueError(f"rank_ratio must be in (0, 1], got {rank_ratio}")
@@ -224,7 +184,7 @@ class SvdPass:
             raise ValueError(f"min_rank must be at least 1, got {min_rank}")
         self.rank_ratio, self.energy, self.data_aware = rank_ratio, energy, data_aware
         self.conv_mode, self.min_rank = conv, min_rank
-        self.keep_heads = keep_heads
+        self.keep_heads, self.sequential = keep_heads, sequential
         self.skip = {name.strip() for name in skip.split(",") if name.strip()}
         self.ops = {op.strip() for op in ops.split(",") if op.strip()}
         unknown = self.ops - {"Gemm", "MatMul", "Conv"}
@@ -242,17 +202,21 @@ class SvdPass:
                     layers.append(found)
                 else:
                     skipped[node.name or node.output[0]] = found
-        covs = self._covariances(model, layers, ctx)
         changed, details = [], {}
-        for layer in layers:
-            outcome = self._split(model, view, layer, covs.get(layer.label))
+        original = model if not self.sequential else _copy(model)
+        covs = {} if self.sequential else self._covariances(model, layers, ctx)
+        for layer in progress(layers, total=len(layers), desc="svd: layers"):
+            moments = covs.get(layer.label)
+            if self.sequential:
+                moments = self._paired_moments(original, model, layer, ctx)
+            outcome = self._split(model, view, layer, moments)
             if isinstance(outcome, str):
                 skipped[layer.label] = outcome
             else:
                 changed.append(layer.label)
                 details[layer.label] = outcome
         _drop_unused_initializers(model)
-        mode = "data-aware" if self.data_aware else "weight"
+        mode = ("sequential " if self.sequential else "") + "data-aware" if self.data_aware else "weight"
         return PassResult(model, changed, {"mode": mode, "layers": details, "skipped": skipped})
 
     def _select(self, view: GraphView, node: onnx.NodeProto) -> Layer | str:
@@ -279,15 +243,42 @@ class SvdPass:
 
         names = sorted({la.node.input[0] for la in wanted})
         ctx.reduce(model, names, update, desc="svd: input covariances")
-        return {k: sums[k] / max(counts[k], 1) for k in sums}
+        return {k: Moments.same(sums[k] / max(counts[k], 1)) for k in sums}
 
-    def _split(self, model: onnx.ModelProto, view: GraphView, layer: Layer, cov: np.ndarray | None) -> dict | str:
+    def _paired_moments(
+        self, original: onnx.ModelProto, current: onnx.ModelProto, layer: Layer, ctx: PassContext
+    ) -> Moments | None:
+        """Moments of the layer's input in the original and in the model rewritten so far, sample by sample."""
+        if not self.data_aware or layer.kind == "spatial" or layer.w.shape[0] > MAX_COVARIANCE_DIM:
+            return None
+        ctx.require_data("svd", "data_aware=true fits each split to the layer's outputs; or --opt svd.data_aware=false")
+        k = layer.w.shape[0]
+        sums = {"new": np.zeros((k, k)), "cross": np.zeros((k, k)), "old": np.zeros((k, k))}
+        count = 0
+
+        def update(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> bool:
+            nonlocal count
+            x = layer.rows(before[layer.node.input[0]].astype(np.float64))
+            x_new = layer.rows(after[layer.node.input[0]].astype(np.float64))
+            sums["new"] += x_new.T @ x_new
+            sums["cross"] += x_new.T @ x
+            sums["old"] += x.T @ x
+            count += len(x)
+            return count >= max(ROWS_PER_INPUT * k, MIN_ROWS)  # enough rows for stable k x k moments
+
+        ctx.reduce_pair(original, current, [layer.node.input[0]], update)
+        if np.array_equal(sums["new"], sums["old"]) and np.array_equal(sums["cross"], sums["old"]):
+            return Moments.same(sums["old"] / count)
+        return Moments(**{key: value / count for key, value in sums.items()})
+
+    def _split(self, model: onnx.ModelProto, view: GraphView, layer: Layer, moments: Moments | None) -> dict | str:
         dtype = view.constant(layer.node.input[1]).dtype
         if layer.kind == "spatial":
             o, i, kh, kw = layer.w.shape
             s = np.linalg.svd(layer.w.transpose(1, 2, 0, 3).reshape(i * kh, o * kw), compute_uv=False)
         else:
-            s, basis = right_basis(layer.w, cov)
+            target = layer.w if moments is None else compensated_target(layer.w, moments)
+            s, basis = right_basis(target, None if moments is None else moments.new)
         rank = pick_rank(s, self.rank_ratio, self.energy, self.min_rank)
         new_macs = layer.split_macs(rank)
         if new_macs >= layer.macs:
@@ -297,12 +288,12 @@ class SvdPass:
         if layer.kind == "spatial":
             first, second = spatial_factor(layer.w, rank)
         else:
-            a, b = layer.w @ basis[:, :rank], basis[:, :rank].T
+            a, b = target @ basis[:, :rank], basis[:, :rank].T
             first, second = _weights(layer, a, b)
-            if cov is not None:
+            if moments is not None:
                 plain_a, plain_b = lowrank_factor(layer.w, rank)
-                info["output_error"] = output_error(layer.w, a @ b, cov)
-                info["output_error_weight_svd"] = output_error(layer.w, plain_a @ plain_b, cov)
+                info["output_error"] = output_error(layer.w, a @ b, moments)
+                info["output_error_weight_svd"] = output_error(layer.w, plain_a @ plain_b, moments)
         _replace(model, layer.node, _replacement(model, layer, first, second, dtype))
         return info
 

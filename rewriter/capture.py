@@ -14,15 +14,37 @@ from .loading import serialize
 from .progress import progress
 
 
+def _node_inputs(node: onnx.NodeProto) -> set[str]:
+    """A node's inputs, including outer-scope tensors its subgraphs (If branches) read."""
+    names = {n for n in node.input if n}
+    for attr in node.attribute:
+        for graph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            for inner in graph.node:
+                names |= _node_inputs(inner)
+    return names
+
+
 def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy whose graph outputs are exactly `names` (intermediate tensors exposed)."""
+    """A copy whose graph outputs are exactly `names`, keeping only the nodes they depend on."""
+    producers = {out: i for i, node in enumerate(model.graph.node) for out in node.output if out}
+    needed, stack = set(), [n for n in names if n in producers]
+    while stack:
+        index = producers[stack.pop()]
+        if index not in needed:
+            needed.add(index)
+            stack.extend(n for n in _node_inputs(model.graph.node[index]) if n in producers)
+    used = set(names).union(*(_node_inputs(model.graph.node[i]) for i in needed))
     known = {v.name: v for v in [*model.graph.value_info, *model.graph.output, *model.graph.input]}
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    exposed.graph.ClearField("output")
-    for name in names:
-        value = known.get(name) or onnx.helper.make_empty_tensor_value_info(name)
-        exposed.graph.output.append(value)
+    graph = onnx.helper.make_graph(
+        [model.graph.node[i] for i in sorted(needed)],
+        model.graph.name,
+        list(model.graph.input),
+        [known.get(n) or onnx.helper.make_empty_tensor_value_info(n) for n in names],
+        [t for t in model.graph.initializer if t.name in used],
+        value_info=list(model.graph.value_info),
+    )
+    exposed = onnx.helper.make_model(graph, opset_imports=list(model.opset_import))
+    exposed.ir_version = model.ir_version
     return exposed
 
 

@@ -45,6 +45,22 @@ class PassContext:
         """Stream the fit samples' activations into `update`, one sample at a time."""
         capture.reduce(model, self.require_data("capture", "activations"), names, update, desc)
 
+    def reduce_pair(
+        self,
+        before: onnx.ModelProto,
+        after: onnx.ModelProto,
+        names: Sequence[str],
+        update: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], bool | None],
+        desc: str | None = None,
+    ) -> None:
+        """Stream each fit sample through two models (e.g. original and rewritten so far) side by side,
+        until `update` returns True (it has seen enough)."""
+        data = self.require_data("capture", "activations")
+        pairs = zip(capture.run(before, data, names, desc), capture.run(after, data, names), strict=True)
+        for values_before, values_after in pairs:
+            if update(values_before, values_after):
+                break
+
 
 @dataclass
 class PassResult:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from passes.svd import SvdPass, lowrank_factor, output_error, pick_rank, spatial_factor
+from passes._lowrank import Moments, lowrank_factor, output_error, pick_rank, spatial_factor
+from passes.svd import SvdPass
 from rewriter import rewrite
 from rewriter.calib import Calibration
 from rewriter.canonical import canonicalize
@@ -42,8 +43,8 @@ def test_data_aware_beats_weight_svd_on_correlated_inputs():
     x += 0.01 * rng.normal(size=x.shape)
     w = rng.normal(size=(40, 30))
     cov = x.T @ x / len(x)
-    aware = output_error(w, np.matmul(*lowrank_factor(w, 5, cov)), cov)
-    plain = output_error(w, np.matmul(*lowrank_factor(w, 5)), cov)
+    aware = output_error(w, np.matmul(*lowrank_factor(w, 5, cov)), Moments.same(cov))
+    plain = output_error(w, np.matmul(*lowrank_factor(w, 5)), Moments.same(cov))
     assert aware < 0.05 < plain
 
 

@@ -1,0 +1,197 @@
+"""Lower an ONNX model through TVM Relax and export a deployable shared library.
+
+ONNX -> Relax (static input shapes) -> ConvertToDataflow -> zero pipeline (fusion, folding)
+-> [MetaSchedule database] -> [dlight GPU schedules] -> tvm.compile -> export_library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from rewriter.errors import ModelError, RewriterError, UsageError
+from targets import tuning
+from targets.presets import TargetSpec, describe, export_compiler, make_tvm_target, one_line
+
+Log = Callable[[str], None]
+
+
+def build_artifact(
+    model: onnx.ModelProto,
+    spec: TargetSpec,
+    out_path: str | os.PathLike,
+    tune_trials: int = 0,
+    tuning_db: str | None = None,
+    log: Log | None = None,
+) -> dict[str, Any]:
+    """Compile `model` for `spec` into `out_path`; returns the report's `target` dict."""
+    start = time.perf_counter()
+    report: dict[str, Any] = {
+        "name": spec.name,
+        "tvm_target": spec.tvm_target,
+        "artifact": None,
+        "tuning_trials": 0,
+        "tuning_db": None,
+    }
+    if spec.tvm_target is None:
+        report["build_seconds"] = 0.0
+        return report
+    if tune_trials < 0:
+        raise UsageError(f"tune_trials must be >= 0, got {tune_trials}")
+    fcompile = export_compiler(spec)  # fail fast on a missing toolchain
+    if tune_trials > 0:
+        tuning.check_tunable(spec)
+    target = make_tvm_target(spec)
+    _say(log, f"lowering to {describe(spec)}")
+    with target:
+        fused = _guard("TVM cannot lower the model", lambda: fuse_pipeline()(import_onnx(model)))
+    with _tuning_dir(tuning_db, tune_trials) as work_dir:
+        database = _database(fused, target, tune_trials, work_dir, log)
+        executable = _guard("TVM cannot compile the model", lambda: _compile(fused, target, database))
+    _export(executable, Path(out_path), fcompile)
+    report.update(
+        artifact=Path(out_path).name,
+        tuning_trials=tune_trials,
+        tuning_db=str(tuning_db) if database is not None and tuning_db is not None else None,
+        build_seconds=round(time.perf_counter() - start, 3),
+    )
+    _say(log, f"wrote {out_path} in {report['build_seconds']:.1f} s")
+    return report
+
+
+def static_inputs(model: onnx.ModelProto) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """Shapes and dtypes of the model's real inputs (initializers excluded); ModelError if dynamic."""
+    initializers = {init.name for init in model.graph.initializer}
+    shapes: dict[str, list[int]] = {}
+    dtypes: dict[str, str] = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor = value.type.tensor_type
+        dims = [dim.dim_value if dim.HasField("dim_value") else -1 for dim in tensor.shape.dim]
+        if not tensor.HasField("shape") or any(dim <= 0 for dim in dims):
+            raise ModelError(
+                f"input {value.name!r} has no static shape ({_dims_text(tensor)}): fix it with --input-shape"
+            )
+        shapes[value.name] = dims
+        dtypes[value.name] = str(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+    return shapes, dtypes
+
+
+def import_onnx(model: onnx.ModelProto) -> Any:
+    """ONNX -> Relax IRModule with the model's own static input shapes."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    shapes, dtypes = static_inputs(model)
+    return _guard("TVM cannot import the model", lambda: from_onnx(model, shape_dict=shapes, dtype_dict=dtypes))
+
+
+def fuse_pipeline() -> Any:
+    """ConvertToDataflow then the zero pipeline (legalize, fold, fuse); run it inside `with target:`.
+
+    The importer emits no dataflow block when the graph holds an ONNX `If`, and FuseOps
+    only fuses inside dataflow blocks, hence ConvertToDataflow(min_size=1) first.
+    """
+    import tvm
+    from tvm import relax
+
+    return tvm.transform.Sequential(
+        [relax.transform.ConvertToDataflow(min_size=1), relax.get_pipeline("zero")],
+        name="rewriter_fuse",
+    )
+
+
+def schedule_pipeline(target: Any, database: Any | None = None) -> Any:
+    """Apply tuning records (if any), then dlight default schedules on GPU targets.
+
+    Without dlight, a GPU build succeeds but compiles every kernel as host code.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import dlight as dl
+
+    passes = []
+    if database is not None:
+        passes.append(relax.transform.MetaScheduleApplyDatabase(enable_warning=False))
+    if "gpu" in [str(key) for key in target.keys]:
+        passes.append(
+            dl.ApplyDefaultSchedule(
+                dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                dl.gpu.GeneralReduction(), dl.gpu.Fallback(),
+            )
+        )
+    return tvm.transform.Sequential(passes, name="rewriter_schedule")
+
+
+def _compile(fused: Any, target: Any, database: Any | None) -> Any:
+    import tvm
+
+    with target, database if database is not None else contextlib.nullcontext():
+        scheduled = schedule_pipeline(target, database)(fused)
+    # For cuda the result is an x86-64 host library that embeds the device code. With no GPU
+    # (no libcuda) TVM keeps the CUDA C source, which the runtime compiles at load time
+    # (NVRTC via cuda-bindings, or nvcc with TVM_CUDA_COMPILE_MODE=nvcc); see TVM_COOKBOOK.md 2.
+    return tvm.compile(scheduled, target=target, relax_pipeline="default_build")
+
+
+def _database(fused: Any, target: Any, trials: int, work_dir: str | None, log: Log | None) -> Any | None:
+    if trials > 0 and work_dir is not None:
+        return tuning.tune(fused, target, trials, work_dir, log)
+    if tuning.has_records(work_dir):
+        _say(log, f"applying tuning records from {work_dir}")
+        return tuning.load_database(work_dir)
+    return None
+
+
+@contextlib.contextmanager
+def _tuning_dir(tuning_db: str | None, trials: int) -> Iterator[str | None]:
+    if tuning_db is not None:
+        if trials > 0:
+            os.makedirs(tuning_db, exist_ok=True)
+        yield tuning_db
+    elif trials > 0:
+        with tempfile.TemporaryDirectory(prefix="rewriter-tune-") as tmp:
+            yield tmp
+    else:
+        yield None
+
+
+def _export(executable: Any, out_path: Path, fcompile: Callable[..., Any] | None) -> None:
+    """Export next to `out_path` then rename, so a failure never leaves a partial artifact."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.stem}.", suffix=".so", dir=out_path.parent)
+    os.close(fd)
+    try:
+        _guard("exporting the artifact failed", lambda: executable.export_library(tmp_name, fcompile=fcompile))
+        os.chmod(tmp_name, 0o755)  # mkstemp creates 0600
+        os.replace(tmp_name, out_path)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+
+
+def _guard(what: str, thunk: Callable[[], Any]) -> Any:
+    """Run `thunk`; turn any TVM failure into a one-line ModelError."""
+    try:
+        return thunk()
+    except RewriterError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"{what}: {one_line(exc)}") from None
+
+
+def _dims_text(tensor: onnx.TypeProto.Tensor) -> str:
+    dims = [str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim]
+    return "x".join(dims) if dims else "unknown rank"
+
+
+def _say(log: Log | None, message: str) -> None:
+    if log is not None:
+        log(message)
