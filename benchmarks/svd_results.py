@@ -7,13 +7,13 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import SAMPLE_NAMES, SAMPLES, ort_latency_ms, real_models, table
+from common import SAMPLE_NAMES, SAMPLES, real_models, table
 
 from rewriter import rewrite
+from rewriter.bench import ort_latency_ms
 from rewriter.loading import serialize
 
 SAMPLE_CONFIGS = [{"rank_ratio": 0.25}, {"rank_ratio": 0.25, "data_aware": False}, {"rank_ratio": 0.5}]
@@ -35,11 +35,8 @@ def _row(name: str, path: Path, calib: Path, options: dict, timing: bool) -> lis
     if timing:
         with np.load(calib) as data:
             feed = {k: data[k][:1] for k in data.files if k != "labels"}
-        with tempfile.TemporaryDirectory() as tmp:
-            canonical = rewrite(path, calib=calib).model
-            Path(tmp, "a.onnx").write_bytes(serialize(canonical))
-            Path(tmp, "b.onnx").write_bytes(serialize(result.model))
-            before, after = ort_latency_ms(Path(tmp, "a.onnx"), feed), ort_latency_ms(Path(tmp, "b.onnx"), feed)
+        canonical = rewrite(path, calib=calib).model
+        before, after = ort_latency_ms(serialize(canonical), feed), ort_latency_ms(serialize(result.model), feed)
         row.append(f"{before:.3f} → {after:.3f}")
     return row
 

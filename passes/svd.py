@@ -16,8 +16,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from rewriter.errors import UsageError
 from rewriter.graph import GraphView, attributes, unique_name
 from rewriter.layers import Conv2d, conv2d_geometry, conv_patches, rows
+from rewriter.metrics import count_macs
 from rewriter.pass_api import PassContext, PassResult
 from rewriter.progress import progress
 from rewriter.registry import register_pass
@@ -49,6 +51,17 @@ class Layer:
 
     def rows(self, x: np.ndarray) -> np.ndarray:
         return conv_patches(x, self.conv) if self.kind == "conv" else rows(x)
+
+    @property
+    def full_rank(self) -> int:
+        if self.kind == "spatial":
+            o, i, kh, kw = self.w.shape
+            return min(i * kh, o * kw)
+        return min(self.w.shape)
+
+    def saving(self, rank: int) -> int:
+        """MACs saved by a split at `rank` (0 when the split would not pay)."""
+        return max(self.macs - self.split_macs(rank), 0)
 
     def split_macs(self, rank: int) -> int:
         if self.kind == "spatial":
@@ -202,6 +215,8 @@ class SvdPass:
                     layers.append(found)
                 else:
                     skipped[node.name or node.output[0]] = found
+        if "macs" in ctx.budget:
+            self.rank_ratio = self._ratio_for_budget(model, layers, ctx.budget["macs"])
         changed, details = [], {}
         original = model if not self.sequential else _copy(model)
         covs = {} if self.sequential else self._covariances(model, layers, ctx)
@@ -217,7 +232,29 @@ class SvdPass:
                 details[layer.label] = outcome
         _drop_unused_initializers(model)
         mode = ("sequential " if self.sequential else "") + "data-aware" if self.data_aware else "weight"
-        return PassResult(model, changed, {"mode": mode, "layers": details, "skipped": skipped})
+        notes = {"mode": mode, "rank_ratio": self.rank_ratio, "layers": details, "skipped": skipped}
+        return PassResult(model, changed, notes)
+
+    def _ratio_for_budget(self, model: onnx.ModelProto, layers: list[Layer], budget: float) -> float:
+        """The largest rank_ratio whose splits bring the model's MACs to `budget` x the current MACs."""
+        if self.energy is not None:
+            raise UsageError("svd: --budget chooses the rank; it cannot be combined with svd.energy")
+        total = count_macs(model)
+
+        def macs_at(ratio: float) -> int:
+            ranks = [min(la.full_rank, max(self.min_rank, math.ceil(ratio * la.full_rank))) for la in layers]
+            return total - sum(la.saving(r) for la, r in zip(layers, ranks, strict=True))
+
+        low, high = 1e-4, 1.0
+        if macs_at(low) > budget * total:
+            raise UsageError(
+                f"svd cannot reach --budget macs={budget}: at the lowest rank the model keeps "
+                f"{macs_at(low) / max(total, 1):.3f} of its MACs (heads, depthwise and other layers it leaves alone)"
+            )
+        for _ in range(40):
+            mid = (low + high) / 2
+            low, high = (mid, high) if macs_at(mid) <= budget * total else (low, mid)
+        return low
 
     def _select(self, view: GraphView, node: onnx.NodeProto) -> Layer | str:
         if (node.name or node.output[0]) in self.skip:

@@ -14,10 +14,11 @@ import numpy as np
 import onnx
 
 from . import capture, metrics
+from .bench import ort_latency_ms
 from .calib import Calibration, load_calibration, split, synthetic_calibration
-from .canonical import canonicalize, resolve_input_shapes
+from .canonical import canonicalize, graph_inputs, resolve_input_shapes
 from .errors import UsageError
-from .loading import load_model, save_model
+from .loading import load_model, save_model, serialize
 from .output import check_out_dir, staged_dir
 from .pass_api import PassContext
 from .pipeline import Reference, checked, run_passes
@@ -89,6 +90,8 @@ def rewrite(
     force: bool = False,
     tune_trials: int = 0,
     tuning_db: str | None = None,
+    bench: bool = False,
+    budget: Mapping[str, float] | None = None,
 ) -> RewriteResult:
     """Canonicalise, run the passes with their checks, and (with out_dir) write model, artifact, report."""
     start = time.perf_counter()
@@ -117,7 +120,7 @@ def rewrite(
         outputs = capture.collect(original, held, names, desc="reference outputs")
         reference = Reference(held, names, outputs)
         canonical_fid = reference.measure(base)
-    ctx = PassContext(fit=fit, seed=seed)
+    ctx = PassContext(fit=fit, seed=seed, budget=check_budget(budget))
     final, records = run_passes(base, plan, ctx, reference, max_drop)
 
     report = {
@@ -132,14 +135,54 @@ def rewrite(
         "passes": records,
         "fidelity": records[-1]["fidelity"] if records else canonical_fid,
         "max_drop": max_drop,
+        "budget": _budget_report(ctx.budget, base, final),
         "target": {"name": spec.name, "tvm_target": spec.tvm_target, "artifact": None,
                    "tuning_trials": tune_trials, "tuning_db": tuning_db},
     }
     result = RewriteResult(final, report)
+    feed = _bench_feed(reference, shapes, original, seed) if bench else None
+    if feed is not None:
+        report["bench"] = _bench(base, final, feed)
     if out_dir is not None:
-        _write(result, Path(out_dir), spec, force, tune_trials, tuning_db, start)
+        _write(result, Path(out_dir), spec, force, tune_trials, tuning_db, start, feed)
     report["seconds"] = round(time.perf_counter() - start, 3)
     return result
+
+
+def check_budget(budget: Mapping[str, float] | None) -> dict[str, float]:
+    budget = dict(budget or {})
+    unknown = sorted(set(budget) - {"macs"})
+    if unknown:
+        raise UsageError(f"--budget supports macs=R only, not {', '.join(unknown)}")
+    if "macs" in budget and not 0.0 < budget["macs"] <= 1.0:
+        raise UsageError(f"--budget macs must be in (0, 1], got {budget['macs']}")
+    return budget
+
+
+def _budget_report(budget: Mapping[str, float], base: onnx.ModelProto, final: onnx.ModelProto) -> dict | None:
+    if "macs" not in budget:
+        return None
+    achieved = metrics.count_macs(final) / max(metrics.count_macs(base), 1)
+    if achieved > budget["macs"] + 1e-9:
+        log(f"warning: MACs at {achieved:.3f} of the original, over --budget macs={budget['macs']}")
+    return {"macs": budget["macs"], "achieved": achieved, "met": achieved <= budget["macs"] + 1e-9}
+
+
+def _bench_feed(reference: Reference | None, shapes: Mapping, model: onnx.ModelProto, seed: int) -> dict:
+    if reference is not None:
+        return next(reference.held.samples())
+    return next(synthetic_calibration(model, shapes, 1, seed).samples())
+
+
+def _bench(base: onnx.ModelProto, final: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict:
+    """onnxruntime latency of the canonicalised original and of the rewritten model, side by side."""
+    log("timing the original and rewritten models in onnxruntime")
+    return {
+        "onnxruntime_ms": {"input": ort_latency_ms(serialize(base), feed),
+                           "output": ort_latency_ms(serialize(final), feed)},
+        "threads": 2,
+        "feed": {k: list(v.shape) for k, v in feed.items()},
+    }
 
 
 def _output_shapes(model: onnx.ModelProto) -> dict[str, list]:
@@ -159,7 +202,8 @@ def _calib_report(data: Calibration | None, fit: Calibration | None, ref: Refere
 
 
 def _write(
-    result: RewriteResult, out_dir: Path, spec, force: bool, tune_trials: int, tuning_db, start: float
+    result: RewriteResult, out_dir: Path, spec, force: bool, tune_trials: int, tuning_db, start: float,
+    feed: dict[str, np.ndarray] | None,
 ) -> None:
     with staged_dir(out_dir, force) as stage:
         save_model(result.model, stage / "model.onnx")
@@ -169,6 +213,10 @@ def _write(
         artifact = stage / f"model.{spec.artifact_suffix}.so"
         target = _targets().build_artifact(result.model, spec, artifact, tune_trials, tuning_db, log)
         result.report["target"].update(target)
+        if feed is not None and target.get("artifact"):
+            log("timing the artifact")
+            inputs = [feed[v.name] for v in graph_inputs(result.model)]
+            result.report["bench"]["artifact_ms"] = _targets().artifact_latency_ms(artifact, spec, inputs)
         # The report is final only after every other file is in place; write it last.
         result.report["seconds"] = round(time.perf_counter() - start, 3)
         (stage / "report.json").write_text(json.dumps(result.report, indent=2) + "\n")

@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tuning-db", default=None, metavar="DIR", help="tuning database to reuse and extend")
     p.add_argument("--rpc", default=None, metavar="HOST:PORT", help="remote measurement (not supported yet)")
     p.add_argument("--device-key", default=None, help="RPC device key (with --rpc)")
-    p.add_argument("--bench", action="store_true", help="time the original and rewritten models (not supported yet)")
-    p.add_argument("--budget", default=None, metavar="macs=0.5", help="MAC budget for budget-aware passes")
+    p.add_argument("--bench", action="store_true", help="time original, rewritten model and artifact")
+    p.add_argument("--budget", default=None, metavar="macs=0.5",
+                   help="budget-aware passes (svd) pick their strength to keep at most this share of MACs")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -61,6 +62,22 @@ def parse_opts(items: Sequence[str]) -> dict[str, dict[str, str]]:
     return options
 
 
+def parse_budget(text: str | None) -> dict[str, float] | None:
+    """'macs=0.5' -> {'macs': 0.5}."""
+    if text is None:
+        return None
+    budget = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        try:
+            budget[key.strip()] = float(value)
+        except ValueError:
+            raise UsageError(f"malformed --budget {text!r}: expected macs=0.5") from None
+        if not sep:
+            raise UsageError(f"malformed --budget {text!r}: expected macs=0.5")
+    return budget
+
+
 def _read_config(path: str | None) -> dict[str, Any]:
     if path is None:
         return {}
@@ -75,7 +92,7 @@ def _merged(args: argparse.Namespace) -> dict[str, Any]:
     """Flags over the TOML config over built-in defaults."""
     config = _read_config(args.config)
     known = {"passes", "target", "out_dir", "calib", "options", "input_shapes", "max_drop", "holdout", "seed",
-             "tune_trials", "tuning_db", "force"}
+             "tune_trials", "tuning_db", "force", "bench", "budget"}
     unknown = sorted(set(config) - known)
     if unknown:
         raise UsageError(f"unknown key(s) in {args.config}: {', '.join(unknown)}")
@@ -97,17 +114,14 @@ def _merged(args: argparse.Namespace) -> dict[str, Any]:
         "target": pick("target", "none"), "calib": pick("calib", None), "max_drop": pick("max_drop", None),
         "holdout": pick("holdout", 0.25), "seed": pick("seed", 0), "tune_trials": pick("tune_trials", 0),
         "tuning_db": pick("tuning_db", None), "force": pick("force", False),
-        "out_dir": pick("out_dir", None) or f"{Path(args.model).stem}.rewritten",
+        "out_dir": pick("out_dir", None) or f"{Path(args.model).stem}.rewritten", "bench": pick("bench", False),
+        "budget": parse_budget(args.budget) if args.budget else config.get("budget"),
     }
 
 
 def _unsupported(args: argparse.Namespace) -> None:
     if args.rpc or args.device_key:
         raise UsageError("--rpc/--device-key remote measurement is not supported yet")
-    if args.bench:
-        raise UsageError("--bench is not supported yet")
-    if args.budget:
-        raise UsageError("--budget is not supported yet: no budget-aware pass is installed")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
@@ -22,6 +22,7 @@ class PassContext:
     fit: Calibration | None
     seed: int = 0
     log: Callable[[str], None] = log
+    budget: Mapping[str, float] = field(default_factory=dict)  # e.g. {"macs": 0.5} from --budget
 
     def require_data(self, pass_name: str, why: str) -> Calibration:
         if self.fit is None:

@@ -5,5 +5,6 @@ TVM is imported lazily inside the functions, so importing this package is cheap.
 
 from targets.lower import build_artifact
 from targets.presets import TargetSpec, resolve_target
+from targets.timing import artifact_latency_ms
 
-__all__ = ["TargetSpec", "build_artifact", "resolve_target"]
+__all__ = ["TargetSpec", "artifact_latency_ms", "build_artifact", "resolve_target"]

@@ -137,3 +137,54 @@ def test_mlp_sample_rank_quarter_halves_macs_within_one_point():
     assert fid["top1_agreement"] > plain.report["fidelity"]["top1_agreement"]
     for layer in report["passes"][0]["notes"]["layers"].values():
         assert layer["output_error"] <= layer["output_error_weight_svd"]
+
+
+def test_sequential_fit_absorbs_upstream_error():
+    """Fitting each split to the original outputs given the already-rewritten inputs beats fitting in isolation."""
+    rng = np.random.default_rng(7)
+    model = _canonical(mlp_model(dims=(32, 64, 48)), [32])
+    fit = Calibration({"x": rng.normal(size=(400, 32)).astype(np.float32)}, None, "test")
+    held = {"x": rng.normal(size=(1, 32)).astype(np.float32)}
+    errors = {}
+    for sequential in (True, False):
+        result = SvdPass(rank_ratio=0.25, keep_heads=False, sequential=sequential).run(model, PassContext(fit=fit))
+        assert result.changed == ["fc1", "fc2"]
+        sum_sq = 0.0
+        for i in range(50):
+            x = {"x": rng.normal(size=(1, 32)).astype(np.float32)} if i else held
+            sum_sq += float(np.sum((run_ort(result.model, x)[0] - run_ort(model, x)[0]) ** 2))
+        errors[sequential] = sum_sq
+        layers = result.notes["layers"]
+        assert all(v["output_error"] <= v["output_error_weight_svd"] + 1e-9 for v in layers.values())
+    assert errors[True] < errors[False]
+
+
+def test_capture_runs_only_the_needed_subgraph():
+    from rewriter.capture import _with_outputs, collect
+
+    model = _canonical(mlp_model(), [16])
+    exposed = _with_outputs(model, ["r"])
+    assert [n.op_type for n in exposed.graph.node] == ["Gemm", "Relu"]
+    data = Calibration({"x": np.random.default_rng(8).normal(size=(3, 16)).astype(np.float32)}, None, "test")
+    relu = collect(model, data, ["r"])["r"]
+    w1 = [t for t in model.graph.initializer if t.name == "w1"][0]
+    b1 = [t for t in model.graph.initializer if t.name == "b1"][0]
+    from onnx import numpy_helper
+
+    expected = np.maximum(data.inputs["x"] @ numpy_helper.to_array(w1).T + numpy_helper.to_array(b1), 0)
+    np.testing.assert_allclose(relu, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_budget_picks_the_rank_ratio():
+    result = rewrite(SAMPLES / "digits_resnet.onnx", passes=["svd"], calib=CALIB, budget={"macs": 0.5},
+                     options={"svd": {"sequential": False}})
+    budget = result.report["budget"]
+    assert budget["met"] and 0.4 < budget["achieved"] <= 0.5
+    assert result.report["output"]["macs"] <= 0.5 * result.report["input"]["macs"]
+
+
+def test_unreachable_budget_is_a_clear_error():
+    from rewriter.errors import UsageError
+
+    with pytest.raises(UsageError, match="cannot reach --budget"):
+        rewrite(SAMPLES / "digits_resnet.onnx", passes=["svd"], calib=CALIB, budget={"macs": 0.01})

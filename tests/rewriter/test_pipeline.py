@@ -83,3 +83,10 @@ def test_samples_reach_97_percent(name):
     logits = sess.run(None, {"input": data["input"]})[0]
     assert len(data["labels"]) >= 500
     assert (logits.argmax(1) == data["labels"]).mean() >= 0.97
+
+
+def test_bench_reports_latencies_side_by_side():
+    result = rewrite(SAMPLES / "digits_mlp.onnx", passes=["svd"], calib=CALIB, bench=True)
+    bench = result.report["bench"]
+    assert bench["onnxruntime_ms"]["input"] > 0 and bench["onnxruntime_ms"]["output"] > 0
+    assert bench["feed"] == {"input": [1, 1, 8, 8]}
