@@ -15,7 +15,7 @@ import onnx
 
 from . import capture, metrics
 from .bench import ort_latency_ms
-from .calib import Calibration, load_calibration, split, synthetic_calibration
+from .calib import LABELS, Calibration, check_arrays, load_calibration, split, synthetic_calibration
 from .canonical import canonicalize, graph_inputs, resolve_input_shapes
 from .errors import UsageError
 from .loading import load_model, save_model, serialize
@@ -48,11 +48,9 @@ def _load_calib(
     if calib is None or isinstance(calib, Calibration):
         return calib
     if isinstance(calib, Mapping):
-        from .calib import LABELS, _checked
-
         arrays = {k: np.asarray(v) for k, v in calib.items() if k != LABELS}
         labels = calib.get(LABELS)
-        return _checked(arrays, None if labels is None else np.asarray(labels), model, "arrays")
+        return check_arrays(arrays, None if labels is None else np.asarray(labels), model, "arrays")
     if str(calib) == "synthetic":
         return synthetic_calibration(model, resolve_input_shapes(model, given), SYNTHETIC_SAMPLES, seed)
     return load_calibration(calib, model)
@@ -100,45 +98,30 @@ def rewrite(
         check_out_dir(Path(out_dir), force)
     spec = _targets().resolve_target(target)
     plan = _plan(list(passes), options or {})
+    budget = check_budget(budget)
     original = load_model(path) if path is not None else model
-    input_bytes = path.stat().st_size if path is not None else metrics.count_bytes(original)
-
     data = _load_calib(calib, original, input_shapes, seed)
+    if max_drop is not None and data is None:
+        raise UsageError("--max-drop needs calibration data to measure fidelity (--calib)")
     shapes = resolve_input_shapes(original, input_shapes, data.sample_shapes() if data else None)
     if data is not None:
         _check_calib_shapes(data, shapes)
-    if max_drop is not None and data is None:
-        raise UsageError("--max-drop needs calibration data to measure fidelity (--calib)")
     log(f"canonicalising for input shape(s) {shapes}")
     base = checked(canonicalize(original, shapes), "canonicalisation")
     log(f"outputs built for shape(s) {_output_shapes(base)}")
 
-    fit, reference, canonical_fid = None, None, None
+    fit, reference = None, None
     if data is not None:
         fit, held = split(data, holdout, seed)
         names = [o.name for o in original.graph.output]
-        outputs = capture.collect(original, held, names, desc="reference outputs")
-        reference = Reference(held, names, outputs)
-        canonical_fid = reference.measure(base)
-    ctx = PassContext(fit=fit, seed=seed, budget=check_budget(budget))
+        reference = Reference(held, names, capture.collect(original, held, names, desc="reference outputs"))
+    ctx = PassContext(fit=fit, seed=seed, budget=budget)
     final, records = run_passes(base, plan, ctx, reference, max_drop)
 
-    report = {
-        "input": {**metrics.summarize(base, str(path) if path else None), "bytes": input_bytes,
-                  "params": metrics.count_params(original)},
-        "output": metrics.summarize(final, None),
-        "input_shapes": shapes,
-        "output_shapes": _output_shapes(final),
-        "seed": seed,
-        "calibration": _calib_report(data, fit, reference),
-        "canonical_fidelity": canonical_fid,
-        "passes": records,
-        "fidelity": records[-1]["fidelity"] if records else canonical_fid,
-        "max_drop": max_drop,
-        "budget": _budget_report(ctx.budget, base, final),
-        "target": {"name": spec.name, "tvm_target": spec.tvm_target, "artifact": None,
-                   "tuning_trials": tune_trials, "tuning_db": tuning_db},
-    }
+    report = _report(path, original, base, final, records, reference, data)
+    report.update(input_shapes=shapes, seed=seed, max_drop=max_drop, budget=_budget_report(budget, base, final))
+    report["target"] = {"name": spec.name, "tvm_target": spec.tvm_target, "artifact": None,
+                        "tuning_trials": tune_trials, "tuning_db": tuning_db}
     result = RewriteResult(final, report)
     feed = _bench_feed(reference, shapes, original, seed) if bench else None
     if feed is not None:
@@ -147,6 +130,30 @@ def rewrite(
         _write(result, Path(out_dir), spec, force, tune_trials, tuning_db, start, feed)
     report["seconds"] = round(time.perf_counter() - start, 3)
     return result
+
+
+def _report(
+    path: Path | None,
+    original: onnx.ModelProto,
+    base: onnx.ModelProto,
+    final: onnx.ModelProto,
+    records: list[dict],
+    reference: Reference | None,
+    data: Calibration | None,
+) -> dict:
+    """The report's model figures and fidelity (MACs of the input measured on its canonical form)."""
+    canonical_fid = reference.measure(base) if reference else None
+    input_bytes = path.stat().st_size if path is not None else metrics.count_bytes(original)
+    return {
+        "input": {**metrics.summarize(base, str(path) if path else None), "bytes": input_bytes,
+                  "params": metrics.count_params(original)},
+        "output": metrics.summarize(final, None),
+        "output_shapes": _output_shapes(final),
+        "calibration": _calib_report(data, reference),
+        "canonical_fidelity": canonical_fid,
+        "passes": records,
+        "fidelity": records[-1]["fidelity"] if records else canonical_fid,
+    }
 
 
 def check_budget(budget: Mapping[str, float] | None) -> dict[str, float]:
@@ -189,14 +196,14 @@ def _output_shapes(model: onnx.ModelProto) -> dict[str, list]:
     return {o.name: [d.dim_value or d.dim_param for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
 
 
-def _calib_report(data: Calibration | None, fit: Calibration | None, ref: Reference | None) -> dict | None:
-    if data is None:
+def _calib_report(data: Calibration | None, ref: Reference | None) -> dict | None:
+    if data is None or ref is None:
         return None
     return {
         "source": data.source,
         "samples": len(data),
-        "fit_samples": len(fit) if fit else 0,
-        "held_out_samples": len(ref.held) if ref else 0,
+        "fit_samples": len(data) - len(ref.held),
+        "held_out_samples": len(ref.held),
         "labels": data.labels is not None,
     }
 

@@ -62,10 +62,10 @@ def load_calibration(path: str | Path, model: onnx.ModelProto) -> Calibration:
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
         raise UsageError(f"{path} is not a readable .npz file: {exc}") from exc
     labels = arrays.pop(LABELS, None)
-    return _checked(arrays, labels, model, str(path))
+    return check_arrays(arrays, labels, model, str(path))
 
 
-def _checked(
+def check_arrays(
     arrays: dict[str, np.ndarray], labels: np.ndarray | None, model: onnx.ModelProto, source: str
 ) -> Calibration:
     dtypes = _input_dtypes(model)
