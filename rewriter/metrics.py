@@ -20,21 +20,13 @@ def count_bytes(model: onnx.ModelProto) -> int:
 
 
 def _conv_macs(view: GraphView, node: onnx.NodeProto) -> int:
-    out = view.static_shape(node.output[0])
+    # Conv: each output element reads (C/group)*prod(k) inputs (weight (M, C/group, k...)).
+    # ConvTranspose: each input element is scattered to (M/group)*prod(k) outputs (weight (C, M/group, k...)).
+    side = view.static_shape(node.output[0] if node.op_type == "Conv" else node.input[0])
     weight = view.shape(node.input[1])
-    if out is None or weight is None or None in weight:
+    if side is None or weight is None or None in weight:
         return 0
-    # weight (M, C/group, k...) -> each output element reads C/group * prod(k) inputs
-    return math.prod(out) * math.prod(weight[1:])
-
-
-def _conv_transpose_macs(view: GraphView, node: onnx.NodeProto) -> int:
-    x = view.static_shape(node.input[0])
-    weight = view.shape(node.input[1])
-    if x is None or weight is None or None in weight:
-        return 0
-    # weight (C, M/group, k...) -> every input element is scattered to M/group * prod(k) outputs
-    return math.prod(x) * math.prod(weight[1:])
+    return math.prod(side) * math.prod(weight[1:])
 
 
 def _gemm_macs(view: GraphView, node: onnx.NodeProto) -> int:
@@ -56,7 +48,7 @@ def _matmul_macs(view: GraphView, node: onnx.NodeProto) -> int:
 
 _MAC_RULES = {
     "Conv": _conv_macs,
-    "ConvTranspose": _conv_transpose_macs,
+    "ConvTranspose": _conv_macs,
     "Gemm": _gemm_macs,
     "MatMul": _matmul_macs,
 }

@@ -88,20 +88,16 @@ def test_bad_target(work, capsys):
     assert code == 2 and len(err.splitlines()) == 1
 
 
-def test_calib_names_do_not_match(work, capsys):
+@pytest.mark.parametrize(("arrays", "words"), [
+    ({"images": np.zeros((8, 1, 8, 8), np.float32)}, "do not match the model's inputs"),
+    ({"input": np.zeros((8, 1, 9, 9), np.float32)}, "shape"),
+])
+def test_calib_names_or_shapes_do_not_match(work, capsys, arrays, words):
     bad = work / "inputs" / "bad.npz"
     bad.parent.mkdir()
-    np.savez(bad, images=np.zeros((8, 1, 8, 8), np.float32))
+    np.savez(bad, **arrays)
     code, err = _run(capsys, MLP, "--passes", "svd", "--calib", bad, "-o", work / "out")
-    _assert_clean_failure(work, code, err, 2, "do not match the model's inputs")
-
-
-def test_calib_shapes_do_not_match(work, capsys):
-    bad = work / "inputs" / "bad.npz"
-    bad.parent.mkdir()
-    np.savez(bad, input=np.zeros((8, 1, 9, 9), np.float32))
-    code, err = _run(capsys, MLP, "--passes", "svd", "--calib", bad, "-o", work / "out")
-    _assert_clean_failure(work, code, err, 2, "shape")
+    _assert_clean_failure(work, code, err, 2, words)
 
 
 def test_calib_that_needs_pickle(work, capsys):
