@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -16,8 +17,9 @@ def real_models() -> dict[str, tuple[Path, Path]]:
     from fetch_real_models import build_calibration, default_cache, fetch_models
 
     cache = default_cache()
-    models = fetch_models(cache)
-    calibs = build_calibration(cache)
+    with contextlib.redirect_stdout(sys.stderr):  # the fetch log must not mix into the tables
+        models = fetch_models(cache)
+        calibs = build_calibration(cache)
     return {name: (models[name], calibs[name]) for name in ("mobilenetv3_cls", "dbnet", "yolov8n")}
 
 
