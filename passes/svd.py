@@ -215,8 +215,9 @@ class SvdPass:
                     layers.append(found)
                 else:
                     skipped[node.name or node.output[0]] = found
+        ratio = self.rank_ratio
         if "macs" in ctx.budget:
-            self.rank_ratio = self._ratio_for_budget(model, layers, ctx.budget["macs"])
+            ratio = self._ratio_for_budget(model, layers, ctx.budget["macs"])
         changed, details = [], {}
         original = model if not self.sequential else _copy(model)
         covs = {} if self.sequential else self._covariances(model, layers, ctx)
@@ -224,7 +225,7 @@ class SvdPass:
             moments = covs.get(layer.label)
             if self.sequential:
                 moments = self._paired_moments(original, model, layer, ctx)
-            outcome = self._split(model, view, layer, moments)
+            outcome = self._split(model, view, layer, moments, ratio)
             if isinstance(outcome, str):
                 skipped[layer.label] = outcome
             else:
@@ -232,7 +233,7 @@ class SvdPass:
                 details[layer.label] = outcome
         _drop_unused_initializers(model)
         mode = ("sequential " if self.sequential else "") + "data-aware" if self.data_aware else "weight"
-        notes = {"mode": mode, "rank_ratio": self.rank_ratio, "layers": details, "skipped": skipped}
+        notes = {"mode": mode, "rank_ratio": ratio, "layers": details, "skipped": skipped}
         return PassResult(model, changed, notes)
 
     def _ratio_for_budget(self, model: onnx.ModelProto, layers: list[Layer], budget: float) -> float:
@@ -308,7 +309,9 @@ class SvdPass:
             return Moments.same(sums["old"] / count)
         return Moments(**{key: value / count for key, value in sums.items()})
 
-    def _split(self, model: onnx.ModelProto, view: GraphView, layer: Layer, moments: Moments | None) -> dict | str:
+    def _split(
+        self, model: onnx.ModelProto, view: GraphView, layer: Layer, moments: Moments | None, ratio: float
+    ) -> dict | str:
         dtype = view.constant(layer.node.input[1]).dtype
         if layer.kind == "spatial":
             o, i, kh, kw = layer.w.shape
@@ -316,7 +319,7 @@ class SvdPass:
         else:
             target = layer.w if moments is None else compensated_target(layer.w, moments)
             s, basis = right_basis(target, None if moments is None else moments.new)
-        rank = pick_rank(s, self.rank_ratio, self.energy, self.min_rank)
+        rank = pick_rank(s, ratio, self.energy, self.min_rank)
         new_macs = layer.split_macs(rank)
         if new_macs >= layer.macs:
             return f"split at rank {rank} would not reduce MACs ({new_macs} >= {layer.macs})"
