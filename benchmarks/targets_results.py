@@ -15,10 +15,11 @@ os.environ["TVM_NUM_THREADS"] = "2"  # read when the TVM runtime starts: must pr
 
 import argparse
 import contextlib
+import multiprocessing
 import statistics
 import sys
 import tempfile
-import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,12 @@ def _max_diff(artifact: Path, inputs: list[np.ndarray], reference: list[np.ndarr
     return max(float(np.max(np.abs(out.astype(np.float64) - ref))) for out, ref in zip(outputs, reference, strict=True))
 
 
+def _build(model, artifact: Path, trials: int, db: str | None) -> float:
+    with contextlib.redirect_stdout(sys.stderr):  # MetaSchedule logs to stdout: keep it for the table
+        return build_artifact(model, resolve_target("x86"), artifact, tune_trials=trials, tuning_db=db,
+                              log=_log)["build_seconds"]
+
+
 def _row(name: str, path: Path, calib: Path, trials: int, work: Path, rounds: int) -> list:
     import onnxruntime as ort
 
@@ -94,16 +101,14 @@ def _row(name: str, path: Path, calib: Path, trials: int, work: Path, rounds: in
     artifacts: dict[str, Path | None] = {"untuned": work / f"{name}.untuned.so", "tuned": work / f"{name}.tuned.so"}
     seconds, notes = {}, {}
     for kind, trial_count in (("untuned", 0), ("tuned", trials)):
-        start = time.perf_counter()
-        try:  # MetaSchedule logs to stdout: keep it for the table
-            with contextlib.redirect_stdout(sys.stderr):
-                build_artifact(model, spec, artifacts[kind], tune_trials=trial_count,
-                               tuning_db=str(work / f"{name}.db") if trial_count else None, log=_log)
+        db = str(work / f"{name}.db") if trial_count else None
+        try:  # tune in a child process: its leftover threads must not share the cores with the timing below
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                seconds[kind] = pool.submit(_build, model, artifacts[kind], trial_count, db).result()
         except RewriterError as exc:
             _log(f"[{name}] {kind} build failed: {exc}")
             artifacts[kind], notes[kind] = None, f"failed: {exc}"
-        seconds[kind] = time.perf_counter() - start
-    # Tuning is over (its worker pools are gone): now time the variants in alternating rounds.
+    # Tuning is over (its process is gone): now time the variants in alternating rounds.
     timings: dict[str, list[float]] = {"ort": [], "untuned": [], "tuned": []}
     for round_no in range(rounds):
         _log(f"[{name}] timing round {round_no + 1}/{rounds}")

@@ -85,6 +85,9 @@ def make_tvm_target(spec: TargetSpec) -> Any:
     config = dict(spec.tvm_target)
     if config.get("kind") != "llvm" and "host" not in config:
         config["host"] = {"kind": "llvm"}
+    if config.get("kind") == "llvm" and not spec.is_aarch64:
+        # MetaSchedule refuses an llvm target without it; one target serves tuning and compiling alike.
+        config.setdefault("num-cores", os.cpu_count() or 1)
     return tvm.target.Target(config)
 
 

@@ -6,6 +6,7 @@ apache-tvm-ffi 0.1.14.x: 0.1.15.x segfaults while saving tuning records (TVM_COO
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -86,17 +87,19 @@ def tune(
         strategy = ms.search_strategy.EvolutionarySearch(
             population_size=128, init_min_unmeasured=32, genetic_num_iters=2
         )
-        return ms.relax_integration.tune_relax(
-            fused,
-            builder=ms.builder.LocalBuilder(f_build=build_candidate),
-            params={},
-            target=target,
-            work_dir=str(work_dir),
-            max_trials_global=trials,
-            num_trials_per_iter=min(32, trials),
-            strategy=strategy,
-            seed=0,
-        )
+        # MetaSchedule prints its progress tables on stdout; the CLI keeps stdout for its result.
+        with contextlib.redirect_stdout(sys.stderr):
+            return ms.relax_integration.tune_relax(
+                fused,
+                builder=ms.builder.LocalBuilder(f_build=build_candidate),
+                params={},
+                target=target,
+                work_dir=str(work_dir),
+                max_trials_global=trials,
+                num_trials_per_iter=min(32, trials),
+                strategy=strategy,
+                seed=0,
+            )
     except ImportError as exc:
         raise ModelError(f"tuning needs psutil and xgboost ({exc})") from None
     except Exception as exc:

@@ -138,6 +138,13 @@ def test_resolve_custom_json() -> None:
     assert resolve_target('{"kind":"llvm","mtriple":"aarch64-linux-gnu"}').is_aarch64
 
 
+def test_custom_llvm_target_gets_this_machines_cores_for_tuning() -> None:
+    from targets.presets import make_tvm_target
+
+    target = make_tvm_target(resolve_target('{"kind": "llvm", "mcpu": "skylake"}'))
+    assert int(target.attrs["num-cores"]) >= 1
+
+
 @pytest.mark.parametrize(
     "bad", ["foo", "", "{bad json", '{"kind":"nonexistent"}', '{"kind":"llvm","bogus":1}', '["llvm"]']
 )
