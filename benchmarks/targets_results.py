@@ -3,8 +3,9 @@
     python benchmarks/targets_results.py                                  # digits_resnet, mobilenetv3_cls; 64 trials
     python benchmarks/targets_results.py --models yolov8n --trials 32     # sample or real-model names
 
-Tuning runs first and alone (never while timing); then ORT, untuned and tuned artifacts are timed in
-alternating rounds in this one process, and the medians are reported (2 threads each).
+Both builds run first, each in a child process (tuning never overlaps timing, and its leftover threads
+must not share the 2 cores); then ORT and the two artifacts are timed in alternating rounds in this one
+process, and the medians are reported (2 threads each). `tuning s` = tuned build − untuned build.
 """
 
 from __future__ import annotations

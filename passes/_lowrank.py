@@ -80,3 +80,16 @@ def spatial_factor(weight: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarra
     vertical = (u[:, :rank] * root).T.reshape(rank, i, kh, 1)
     horizontal = (root[:, None] * vt[:rank]).reshape(rank, o, 1, kw).transpose(1, 0, 2, 3)
     return vertical, horizontal
+
+
+def ridge_refit(gram: np.ndarray, cross: np.ndarray, start: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
+    """argmin_H ||P H - Y||^2 + lambda ||H - H0||^2, from P^T P (gram) and P^T Y (cross)."""
+    k = len(gram)
+    damping = ridge * max(float(np.trace(gram)) / k, 1e-30)
+    return np.linalg.solve(gram + damping * np.eye(k), cross + damping * start)
+
+
+def residual_share(gram: np.ndarray, cross: np.ndarray, y_energy: float, h: np.ndarray) -> float:
+    """||P H - Y|| / ||Y|| from the same moments and sum(Y^2)."""
+    error = float(np.sum(h * (gram @ h)) - 2 * np.sum(h * cross)) + y_energy
+    return math.sqrt(max(error, 0.0) / max(y_energy, 1e-30))

@@ -53,11 +53,13 @@ class PassContext:
         names: Sequence[str],
         update: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], bool | None],
         desc: str | None = None,
+        after_names: Sequence[str] | None = None,
     ) -> None:
         """Stream each fit sample through two models (e.g. original and rewritten so far) side by side,
-        until `update` returns True (it has seen enough)."""
+        until `update` returns True (it has seen enough). `after_names` defaults to `names`."""
         data = self.require_data("capture", "activations")
-        pairs = zip(capture.run(before, data, names, desc), capture.run(after, data, names), strict=True)
+        after_run = capture.run(after, data, names if after_names is None else after_names)
+        pairs = zip(capture.run(before, data, names, desc), after_run, strict=True)
         for values_before, values_after in pairs:
             if update(values_before, values_after):
                 break
