@@ -4,7 +4,9 @@ A weight W (K x N, inputs x outputs) becomes two layers A (K x r) and B (r x N).
 split minimises the layer's *output* error on calibration inputs X: with C = E[x x^T] = S^T S, the best
 rank-r product is W V_r V_r^T, where V_r are the top right singular vectors of S W (whitening by the input
 covariance). Plain mode uses the SVD of W itself. Conv layers split either by channels (k x k with r
-filters, then 1 x 1) or spatially (k x 1 with r filters, then 1 x k; weight-fitted).
+filters, then 1 x 1) or spatially (k x 1 with r filters, then 1 x k): the spatial split starts from the SVD
+of the rearranged weight, and in data-aware mode its 1 x k half is then refitted by least squares so that it
+reproduces the original layer's outputs from the k x 1 half's outputs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import onnx
 
 from rewriter.errors import UsageError
 from rewriter.graph import GraphView
+from rewriter.layers import conv2d_geometry, conv_patches
 from rewriter.metrics import count_macs
 from rewriter.pass_api import PassContext, PassResult
 from rewriter.progress import progress
@@ -27,16 +30,21 @@ from ._lowrank import (
     lowrank_factor,
     output_error,
     pick_rank,
+    residual_share,
+    ridge_refit,
     right_basis,
     spatial_factor,
 )
 from ._svd_layers import (
     Layer,
+    add_initializer,
     copy_model,
     drop_unused_initializers,
     factor_weights,
     find_layer,
+    initializer_array,
     is_head,
+    live_node,
     replace_node,
     replacement,
 )
@@ -98,13 +106,15 @@ class SvdPass:
         if "macs" in ctx.budget:
             ratio = self._ratio_for_budget(model, layers, ctx.budget["macs"])
         changed, details = [], {}
-        original = model if not self.sequential else copy_model(model)
+        original = copy_model(model) if self.data_aware else model  # the reference the fits aim at
         covs = {} if self.sequential else self._covariances(model, layers, ctx)
         for layer in progress(layers, total=len(layers), desc="svd: layers"):
             moments = covs.get(layer.label)
             if self.sequential:
                 moments = self._paired_moments(original, model, layer, ctx)
             outcome = self._split(model, view, layer, moments, ratio)
+            if isinstance(outcome, dict) and layer.kind == "spatial" and self.data_aware:
+                outcome.update(self._refit_spatial(original, model, layer, ctx))
             if isinstance(outcome, str):
                 skipped[layer.label] = outcome
             else:
@@ -114,6 +124,38 @@ class SvdPass:
         mode = ("sequential " if self.sequential else "") + "data-aware" if self.data_aware else "weight"
         notes = {"mode": mode, "rank_ratio": ratio, "layers": details, "skipped": skipped}
         return PassResult(model, changed, notes)
+
+    def _refit_spatial(
+        self, original: onnx.ModelProto, model: onnx.ModelProto, layer: Layer, ctx: PassContext
+    ) -> dict:
+        """Refit the 1 x k half of a spatial split by least squares, so that it maps the k x 1 half's
+        outputs (on the rewritten model) onto the original layer's outputs."""
+        ctx.require_data("svd", "data_aware=true fits each split to the layer's outputs; or --opt svd.data_aware=false")
+        second = live_node(model, layer.node.output[0])
+        start4d = initializer_array(model, second.input[1])
+        bias = initializer_array(model, second.input[2]) if len(second.input) > 2 else 0.0
+        geometry = conv2d_geometry(second, list(start4d.shape))
+        start = start4d.reshape(len(start4d), -1).T.astype(np.float64)
+        k = len(start)
+        gram, cross, energy, count = np.zeros((k, k)), np.zeros_like(start), 0.0, 0
+
+        def update(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> bool:
+            nonlocal energy, count
+            patches = conv_patches(after[second.input[0]].astype(np.float64), geometry)
+            out = before[layer.node.output[0]].astype(np.float64)
+            target = out.transpose(0, 2, 3, 1).reshape(-1, out.shape[1]) - bias
+            gram[:] += patches.T @ patches
+            cross[:] += patches.T @ target
+            energy += float(np.sum(target**2))
+            count += len(patches)
+            return count >= max(ROWS_PER_INPUT * k, MIN_ROWS)
+
+        ctx.reduce_pair(original, model, [layer.node.output[0]], update, after_names=[second.input[0]])
+        fitted = ridge_refit(gram, cross, start)
+        name = add_initializer(model, f"{second.name}_refit", fitted.T.reshape(start4d.shape), start4d.dtype)
+        second.input[1] = name
+        return {"output_error": residual_share(gram, cross, energy, fitted),
+                "output_error_weight_svd": residual_share(gram, cross, energy, start)}
 
     def _ratio_for_budget(self, model: onnx.ModelProto, layers: list[Layer], budget: float) -> float:
         """The largest rank_ratio whose splits bring the model's MACs to `budget` x the current MACs."""

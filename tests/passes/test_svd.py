@@ -188,3 +188,14 @@ def test_unreachable_budget_is_a_clear_error():
 
     with pytest.raises(UsageError, match="cannot reach --budget"):
         rewrite(SAMPLES / "digits_resnet.onnx", passes=["svd"], calib=CALIB, budget={"macs": 0.01})
+
+
+def test_spatial_split_refitted_on_data_beats_weight_fit():
+    options = {"conv": "spatial", "rank_ratio": 0.25}
+    aware = rewrite(SAMPLES / "digits_vgg.onnx", passes=["svd"], calib=CALIB, options={"svd": options})
+    plain = rewrite(SAMPLES / "digits_vgg.onnx", passes=["svd"], calib=CALIB,
+                    options={"svd": {**options, "data_aware": False}})
+    assert aware.report["output"]["macs"] == plain.report["output"]["macs"] < 0.5 * aware.report["input"]["macs"]
+    assert aware.report["fidelity"]["top1_agreement"] > plain.report["fidelity"]["top1_agreement"] + 0.2
+    for layer in aware.report["passes"][0]["notes"]["layers"].values():
+        assert layer["kind"] == "spatial" and layer["output_error"] < layer["output_error_weight_svd"]
