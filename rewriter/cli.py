@@ -14,7 +14,7 @@ from .api import rewrite
 from .canonical import parse_input_shape
 from .errors import RewriterError, UsageError
 from .progress import set_quiet
-from .registry import available_passes
+from .registry import available_passes, pass_options
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,8 +23,17 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(UsageError.exit_code)
 
 
+def _passes_help() -> str:
+    lines = ["passes and their options (--opt PASS.KEY=VALUE):"]
+    for name in available_passes():
+        options = ", ".join(f"{k}={v}" for k, v in pass_options(name).items())
+        lines.append(f"  {name}: {options}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="rewrite", description="Rewrite an ONNX model through compression passes and build it with TVM.")
+    p = _Parser(prog="rewrite", description="Rewrite an ONNX model through compression passes and build it with TVM.",
+                epilog=_passes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="input ONNX model (never modified)")
     p.add_argument("--passes", default=None, help="comma-separated passes, in order (omit: canonicalise only)")
     p.add_argument("--target", default=None, help="x86, arm, cuda, none, or a TVM target as JSON (default none)")
@@ -106,8 +115,8 @@ def _merged(args: argparse.Namespace) -> dict[str, Any]:
     shapes.update(parse_input_shape(s) for s in args.input_shape)
 
     def pick(name: str, default: Any) -> Any:
-        value = getattr(args, name)
-        return value if value not in (None, False) else config.get(name, default)
+        value = getattr(args, name)  # None (or False for a switch) means the flag was not given
+        return config.get(name, default) if value is None or value is False else value
 
     return {
         "passes": passes, "options": options, "input_shapes": shapes or None,

@@ -90,3 +90,12 @@ def test_bench_reports_latencies_side_by_side():
     bench = result.report["bench"]
     assert bench["onnxruntime_ms"]["input"] > 0 and bench["onnxruntime_ms"]["output"] > 0
     assert bench["feed"] == {"input": [1, 1, 8, 8]}
+
+
+def test_zero_valued_flags_are_not_mistaken_for_absent(tmp_path):
+    """--max-drop 0 must refuse any loss, even when a config file says otherwise."""
+    config = tmp_path / "rw.toml"
+    config.write_text("max_drop = 0.9\n")
+    code = main([str(SAMPLES / "digits_mlp.onnx"), "--passes", "svd", "--calib", str(CALIB), "--quiet",
+                 "--config", str(config), "--max-drop", "0", "--opt", "svd.rank_ratio=0.25", "-o", str(tmp_path / "o")])
+    assert code == 4 and not (tmp_path / "o").exists()
