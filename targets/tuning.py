@@ -84,6 +84,9 @@ def tune(
         tasks = ms.relax_integration.extract_tasks(fused, target)
         if log:
             log(f"tuning {len(tasks)} tasks for {trials} trials into {work_dir}")
+        # Spread the budget over every task: an unscheduled task runs as naive single-threaded code,
+        # so one measured schedule per task is worth more than many for a few tasks.
+        per_task = max(1, trials // max(len(tasks), 1))
         strategy = ms.search_strategy.EvolutionarySearch(
             population_size=128, init_min_unmeasured=32, genetic_num_iters=2
         )
@@ -95,8 +98,9 @@ def tune(
                 params={},
                 target=target,
                 work_dir=str(work_dir),
-                max_trials_global=trials,
-                num_trials_per_iter=min(32, trials),
+                max_trials_global=max(trials, len(tasks)),
+                max_trials_per_task=per_task,
+                num_trials_per_iter=min(32, per_task),
                 strategy=strategy,
                 seed=0,
             )
