@@ -53,6 +53,7 @@ from ._svd_layers import (
 MAX_COVARIANCE_DIM = 4608
 # Sequential fitting stops reading samples once a layer's moments rest on this many input rows.
 ROWS_PER_INPUT, MIN_ROWS = 64, 16384
+NEEDS_DATA = "data_aware=true fits each split to the layer's outputs; or --opt svd.data_aware=false"
 
 
 @register_pass("svd")
@@ -130,7 +131,7 @@ class SvdPass:
     ) -> dict:
         """Refit the 1 x k half of a spatial split by least squares, so that it maps the k x 1 half's
         outputs (on the rewritten model) onto the original layer's outputs."""
-        ctx.require_data("svd", "data_aware=true fits each split to the layer's outputs; or --opt svd.data_aware=false")
+        ctx.require_data("svd", NEEDS_DATA)
         second = live_node(model, layer.node.output[0])
         start4d = initializer_array(model, second.input[1])
         bias = initializer_array(model, second.input[2]) if len(second.input) > 2 else 0.0
@@ -190,7 +191,7 @@ class SvdPass:
         wanted = [la for la in layers if la.kind != "spatial" and la.w.shape[0] <= MAX_COVARIANCE_DIM]
         if not self.data_aware or not wanted:
             return {}
-        ctx.require_data("svd", "data_aware=true fits each split to the layer's outputs; or --opt svd.data_aware=false")
+        ctx.require_data("svd", NEEDS_DATA)
         sums = {la.label: np.zeros((la.w.shape[0],) * 2) for la in wanted}
         counts = dict.fromkeys(sums, 0)
 
@@ -210,7 +211,7 @@ class SvdPass:
         """Moments of the layer's input in the original and in the model rewritten so far, sample by sample."""
         if not self.data_aware or layer.kind == "spatial" or layer.w.shape[0] > MAX_COVARIANCE_DIM:
             return None
-        ctx.require_data("svd", "data_aware=true fits each split to the layer's outputs; or --opt svd.data_aware=false")
+        ctx.require_data("svd", NEEDS_DATA)
         k = layer.w.shape[0]
         sums = {"new": np.zeros((k, k)), "cross": np.zeros((k, k)), "old": np.zeros((k, k))}
         count = 0
