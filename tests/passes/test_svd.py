@@ -199,3 +199,29 @@ def test_spatial_split_refitted_on_data_beats_weight_fit():
     assert aware.report["fidelity"]["top1_agreement"] > plain.report["fidelity"]["top1_agreement"] + 0.2
     for layer in aware.report["passes"][0]["notes"]["layers"].values():
         assert layer["kind"] == "spatial" and layer["output_error"] < layer["output_error_weight_svd"]
+
+
+def test_sequence_model_matmuls_with_leading_axes():
+    """Transformer-style MatMuls on [batch, tokens, features] fold the token axis into the rows they fit on."""
+    from onnx import helper
+
+    from tests.helpers import make_model, tensor, value
+
+    rng = np.random.default_rng(9)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w_up"], ["up"], name="up"),
+        helper.make_node("Relu", ["up"], ["act"], name="act"),
+        helper.make_node("MatMul", ["act", "w_down"], ["down"], name="down"),
+        helper.make_node("Add", ["x", "down"], ["res"], name="residual"),
+        helper.make_node("MatMul", ["res", "w_head"], ["y"], name="head"),
+    ]
+    inits = [tensor("w_up", rng.normal(size=(32, 96)) / 6), tensor("w_down", rng.normal(size=(96, 32)) / 10),
+             tensor("w_head", rng.normal(size=(32, 4)))]
+    model = make_model(nodes, [value("x", ["B", 8, 32])], [value("y", ["B", 8, 4])], inits)
+    data = {"x": rng.normal(size=(40, 8, 32)).astype(np.float32)}
+    result = rewrite(model, passes=["svd"], calib=data, options={"svd": {"rank_ratio": 0.25}})
+    assert result.report["input_shapes"] == {"x": [1, 8, 32]}
+    assert result.report["passes"][0]["changed"] == ["up", "down"]
+    assert "head" in result.report["passes"][0]["notes"]["skipped"]["head"]
+    assert result.report["output"]["macs"] < 0.5 * result.report["input"]["macs"]
+    assert result.report["fidelity"]["cosine"] > 0.9
