@@ -62,7 +62,7 @@ def build_artifact(
         tuning_db=str(tuning_db) if database is not None and tuning_db is not None else None,
         build_seconds=round(time.perf_counter() - start, 3),
     )
-    _say(log, f"wrote {out_path} in {report['build_seconds']:.1f} s")
+    _say(log, f"built {Path(out_path).name} in {report['build_seconds']:.1f} s")
     return report
 
 
