@@ -23,7 +23,7 @@ from .output import check_out_dir, staged_dir
 from .pass_api import PassContext
 from .pipeline import Reference, checked, run_passes
 from .progress import log
-from .registry import make_pass
+from .registry import make_pass, resolve_options
 
 # The package that lowers models through TVM; the core reaches it by name only.
 TARGETS_PACKAGE = "targets"
@@ -71,7 +71,7 @@ def _plan(passes: Sequence[str], options: Mapping[str, Mapping[str, Any]]) -> li
     for name in unused:
         make_pass(name, options[name])  # still validated: a typo must not pass silently
         log(f"options for pass {name!r} given but the pass is not run")
-    return [(make_pass(name, options.get(name, {})), dict(options.get(name, {}))) for name in passes]
+    return [(make_pass(name, options.get(name, {})), resolve_options(name, options.get(name, {}))) for name in passes]
 
 
 def rewrite(
@@ -119,7 +119,8 @@ def rewrite(
     final, records = run_passes(base, plan, ctx, reference, max_drop)
 
     report = _report(path, original, base, final, records, reference, data)
-    report.update(input_shapes=shapes, seed=seed, max_drop=max_drop, budget=_budget_report(budget, base, final))
+    report.update(input_shapes=shapes, seed=seed, max_drop=max_drop, budget=_budget_report(budget, base, final),
+                  versions=_versions())
     report["target"] = {"name": spec.name, "tvm_target": spec.tvm_target, "artifact": None,
                         "tuning_trials": tune_trials, "tuning_db": tuning_db}
     result = RewriteResult(final, report)
@@ -154,6 +155,19 @@ def _report(
         "passes": records,
         "fidelity": records[-1]["fidelity"] if records else canonical_fid,
     }
+
+
+def _versions() -> dict[str, str]:
+    """Versions of the tools whose behaviour shapes the output, for reproducing a report."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("rewriter", "onnx", "onnxruntime", "onnxslim", "numpy", "scikit-learn", "apache-tvm"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
 
 
 def check_budget(budget: Mapping[str, float] | None) -> dict[str, float]:

@@ -69,16 +69,20 @@ def _coerce(pass_name: str, key: str, value: Any, default: Any) -> Any:
     return value
 
 
-def make_pass(name: str, options: Mapping[str, Any] | None = None) -> Pass:
-    """Instantiate a pass with string or typed options checked against its signature."""
-    cls = get_pass(name)
+def resolve_options(name: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Every option of the pass: its defaults, overridden by `options` checked and coerced to their types."""
     known = pass_options(name)
-    kwargs = {}
+    resolved = dict(known)
     for key, value in (options or {}).items():
         if key not in known:
             raise UsageError(f"unknown option {name}.{key}; {name} takes: {', '.join(sorted(known)) or 'none'}")
-        kwargs[key] = _coerce(name, key, value, known[key])
+        resolved[key] = _coerce(name, key, value, known[key])
+    return resolved
+
+
+def make_pass(name: str, options: Mapping[str, Any] | None = None) -> Pass:
+    """Instantiate a pass with string or typed options checked against its signature."""
     try:
-        return cls(**kwargs)
+        return get_pass(name)(**resolve_options(name, options))
     except ValueError as exc:
         raise UsageError(f"bad options for pass {name!r}: {exc}") from exc
