@@ -24,6 +24,7 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
 def staged_dir(out_dir: Path, force: bool) -> Iterator[Path]:
     """Yield a staging folder beside OUT_DIR; on success swap it in, on failure delete it."""
     check_out_dir(out_dir, force)
+    created = [p for p in reversed(out_dir.absolute().parents) if not p.exists()]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
@@ -31,6 +32,9 @@ def staged_dir(out_dir: Path, force: bool) -> Iterator[Path]:
         _swap_in(stage, out_dir)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        for parent in reversed(created):  # folders made for OUT_DIR go too, deepest first
+            with contextlib.suppress(OSError):
+                parent.rmdir()
         raise
 
 

@@ -156,3 +156,16 @@ def test_guardrail_exit_4_leaves_nothing_and_input_untouched(work, capsys):
                      "--opt", "svd.keep_heads=false", "--max-drop", "0.01", "-o", work / "out")
     _assert_clean_failure(work, code, err, 4, "max-drop")
     assert hashlib.sha256(model.read_bytes()).hexdigest() == before
+
+
+def test_failure_removes_the_folders_it_made_for_out_dir(work, capsys, monkeypatch):
+    import targets
+
+    def broken_build(*args, **kwargs):
+        from rewriter.errors import ModelError
+
+        raise ModelError("TVM cannot compile the model: simulated")
+
+    monkeypatch.setattr(targets, "build_artifact", broken_build)
+    code, err = _run(capsys, MLP, "--calib", CALIB, "--target", "x86", "-o", work / "a" / "b" / "out")
+    _assert_clean_failure(work, code, err, 3, "simulated")
