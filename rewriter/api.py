@@ -111,7 +111,9 @@ def rewrite(
     log(f"outputs built for shape(s) {_output_shapes(base)}")
 
     fit, reference = None, None
-    if data is not None:
+    if data is None:
+        log("no calibration data (--calib): fidelity is not measured")
+    else:
         fit, held = split(data, holdout, seed)
         names = [o.name for o in original.graph.output]
         reference = Reference(held, names, capture.collect(original, held, names, desc="reference outputs"))
