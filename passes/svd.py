@@ -56,6 +56,15 @@ ROWS_PER_INPUT, MIN_ROWS = 64, 16384
 NEEDS_DATA = "data_aware=true fits each split to the layer's outputs; or --opt svd.data_aware=false"
 
 
+def _error_summary(details: dict) -> dict:
+    """Mean relative output error over the split layers, this fit against plain weight SVD at the same ranks."""
+    fitted = [d for d in details.values() if "output_error" in d]
+    if not fitted:
+        return {}
+    return {"mean_output_error": float(np.mean([d["output_error"] for d in fitted])),
+            "mean_output_error_weight_svd": float(np.mean([d["output_error_weight_svd"] for d in fitted]))}
+
+
 @register_pass("svd")
 class SvdPass:
     """Low-rank split of Gemm, MatMul and Conv layers."""
@@ -123,7 +132,7 @@ class SvdPass:
                 details[layer.label] = outcome
         drop_unused_initializers(model)
         mode = ("sequential " if self.sequential else "") + "data-aware" if self.data_aware else "weight"
-        notes = {"mode": mode, "rank_ratio": ratio, "layers": details, "skipped": skipped}
+        notes = {"mode": mode, "rank_ratio": ratio, **_error_summary(details), "layers": details, "skipped": skipped}
         return PassResult(model, changed, notes)
 
     def _refit_spatial(

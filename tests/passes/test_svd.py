@@ -135,8 +135,10 @@ def test_mlp_sample_rank_quarter_halves_macs_within_one_point():
     assert fid["accuracy_before"] - fid["accuracy_after"] <= 0.01
     assert fid["channel_cosine_min"] > plain.report["fidelity"]["channel_cosine_min"]
     assert fid["top1_agreement"] > plain.report["fidelity"]["top1_agreement"]
-    for layer in report["passes"][0]["notes"]["layers"].values():
+    notes = report["passes"][0]["notes"]
+    for layer in notes["layers"].values():
         assert layer["output_error"] <= layer["output_error_weight_svd"]
+    assert notes["mean_output_error"] < notes["mean_output_error_weight_svd"]
 
 
 def test_sequential_fit_absorbs_upstream_error():
