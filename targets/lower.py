@@ -17,7 +17,7 @@ from typing import Any
 import onnx
 
 from rewriter.errors import ModelError, RewriterError, UsageError
-from targets import tuning
+from targets import cuda_offline, tuning
 from targets.presets import TargetSpec, describe, export_compiler, make_tvm_target, one_line
 
 Log = Callable[[str], None]
@@ -39,6 +39,7 @@ def build_artifact(
         "artifact": None,
         "tuning_trials": 0,
         "tuning_db": None,
+        "device_code": None,
     }
     if spec.tvm_target is None:
         report["build_seconds"] = 0.0
@@ -48,22 +49,44 @@ def build_artifact(
     fcompile = export_compiler(spec)  # fail fast on a missing toolchain
     if tune_trials > 0:
         tuning.check_tunable(spec)
-    target = make_tvm_target(spec)
     _say(log, f"lowering to {describe(spec)}")
+    out = Path(out_path)
+    if cuda_offline.needs_child(spec):
+        # No GPU driver here: compile in a child process against a stub libcuda so the
+        # artifact embeds a cubin, not CUDA C source (DESIGN.md contract).
+        cuda_offline.build_in_child(model, spec, out, tuning_db, log)
+        used_db = tuning.has_records(tuning_db)
+    else:
+        used_db = lower_and_export(model, spec, out, tune_trials, tuning_db, log, fcompile)
+    report.update(
+        artifact=out.name,
+        tuning_trials=tune_trials,
+        tuning_db=str(tuning_db) if used_db and tuning_db is not None else None,
+        device_code=cuda_offline.device_code(out) if spec.is_gpu else None,
+        build_seconds=round(time.perf_counter() - start, 3),
+    )
+    _say(log, f"built {Path(out_path).name} in {report['build_seconds']:.1f} s")
+    return report
+
+
+def lower_and_export(
+    model: onnx.ModelProto,
+    spec: TargetSpec,
+    out_path: Path,
+    tune_trials: int,
+    tuning_db: str | None,
+    log: Log | None,
+    fcompile: Callable[..., Any] | None,
+) -> bool:
+    """Lower, compile and export in this process; True when tuning records were applied."""
+    target = make_tvm_target(spec)
     with target:
         fused = _guard("TVM cannot lower the model", lambda: fuse_pipeline()(import_onnx(model)))
     with _tuning_dir(tuning_db, tune_trials) as work_dir:
         database = _database(fused, target, tune_trials, work_dir, log)
         executable = _guard("TVM cannot compile the model", lambda: _compile(fused, target, database))
-    _export(executable, Path(out_path), fcompile)
-    report.update(
-        artifact=Path(out_path).name,
-        tuning_trials=tune_trials,
-        tuning_db=str(tuning_db) if database is not None and tuning_db is not None else None,
-        build_seconds=round(time.perf_counter() - start, 3),
-    )
-    _say(log, f"built {Path(out_path).name} in {report['build_seconds']:.1f} s")
-    return report
+    _export(executable, out_path, fcompile)
+    return database is not None
 
 
 def static_inputs(model: onnx.ModelProto) -> tuple[dict[str, list[int]], dict[str, str]]:
@@ -135,10 +158,10 @@ def _compile(fused: Any, target: Any, database: Any | None) -> Any:
 
     with target, database if database is not None else contextlib.nullcontext():
         scheduled = schedule_pipeline(target, database)(fused)
-    # For cuda the result is an x86-64 host library that embeds the device code. With no GPU
-    # (no libcuda) TVM keeps the CUDA C source, which the runtime compiles at load time
-    # (NVRTC via cuda-bindings, or nvcc with TVM_CUDA_COMPILE_MODE=nvcc); see TVM_COOKBOOK.md 2.
-    return tvm.compile(scheduled, target=target, relax_pipeline="default_build")
+    # For cuda the result is an x86-64 host library that embeds the device code. Compile inside
+    # `with target:`: TVM's nvcc callback reads the arch from the current target.
+    with target:
+        return tvm.compile(scheduled, target=target, relax_pipeline="default_build")
 
 
 def _database(fused: Any, target: Any, trials: int, work_dir: str | None, log: Log | None) -> Any | None:

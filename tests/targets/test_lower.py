@@ -87,6 +87,13 @@ def if_model() -> onnx.ModelProto:
     return _model(nodes, [x], [y], inits)
 
 
+def unsupported_model() -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("NoSuchOp", ["x"], ["y"], domain="custom")], "g", [x], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)])
+
+
 def random_inputs(model: onnx.ModelProto) -> list[np.ndarray]:
     shapes = [[d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input]
     return [RNG.standard_normal(shape).astype(np.float32) for shape in shapes]
@@ -203,10 +210,7 @@ def test_dynamic_input_is_model_error(x86: TargetSpec, tmp_path: Path) -> None:
 
 
 def test_unsupported_op_is_model_error(x86: TargetSpec, tmp_path: Path) -> None:
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
-    graph = helper.make_graph([helper.make_node("NoSuchOp", ["x"], ["y"], domain="custom")], "g", [x], [y])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)])
+    model = unsupported_model()
     with pytest.raises(ModelError, match="NoSuchOp") as info:
         build_artifact(model, x86, tmp_path / "m.so")
     assert "\n" not in str(info.value)
@@ -233,15 +237,6 @@ def test_arm_missing_cross_compiler_names_package(monkeypatch, tmp_path: Path) -
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(UsageError, match="gcc-aarch64-linux-gnu"):
         build_artifact(mlp_model(), resolve_target("arm"), tmp_path / "model.arm.so")
-
-
-def test_cuda_builds_without_gpu(tmp_path: Path) -> None:
-    out = tmp_path / "model.cuda.so"
-    report = build_artifact(conv_gemm_model(), resolve_target("cuda"), out)
-    assert out.is_file() and report["artifact"] == "model.cuda.so"
-    data = out.read_bytes()
-    assert data[:4] == b"\x7fELF" and int.from_bytes(data[18:20], "little") == 62  # x86-64 host library
-    assert b"__global__" in data or b"cubin" in data  # device code is embedded, not compiled as host code
 
 
 # tuning --------------------------------------------------------------------------------------

@@ -1,0 +1,119 @@
+"""Precompile cuda artifacts on a machine with no GPU: a child process against a stub libcuda.
+
+TVM decides at load time whether its cuda runtime is usable (libcuda.so.1 must load), so the
+stub must be on LD_LIBRARY_PATH before TVM is imported: hence a fresh Python process.
+Child argv: MODEL.onnx OUT.so SPEC_NAME TARGET_JSON [TUNING_DB] (see `child_main`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from rewriter.errors import ModelError, RewriterError, UsageError
+from targets.cuda_stub import find_nvcc, stub_dir
+from targets.presets import TargetSpec, one_line
+
+ERROR_PREFIX = "rewriter-error:"
+USAGE_PREFIX = "rewriter-usage-error:"
+LOG_PREFIX = "rewriter-log:"
+EM_CUDA = 190  # ELF e_machine of a cubin
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# `-c`, not `-m`: `targets` imports this module, so runpy would warn about running it twice.
+CHILD_CODE = "import sys; from targets.cuda_offline import child_main; sys.exit(child_main(sys.argv[1:]))"
+
+
+def needs_child(spec: TargetSpec) -> bool:
+    """True for a cuda target when this machine has no usable CUDA driver/GPU."""
+    import tvm
+
+    return (spec.tvm_target or {}).get("kind") == "cuda" and not tvm.cuda(0).exist
+
+
+def build_in_child(model: onnx.ModelProto, spec: TargetSpec, out_path: Path, tuning_db: str | None,
+                   log: Any = None) -> None:
+    """Lower, compile (nvcc -> cubin) and export `model` in a child process using the stub driver."""
+    nvcc = find_nvcc()
+    stubs = stub_dir()
+    with tempfile.TemporaryDirectory(prefix="rewriter-cuda-") as tmp:
+        model_path = os.path.join(tmp, "model.onnx")
+        try:
+            onnx.save_model(model, model_path)
+        except (ValueError, OSError) as exc:
+            raise ModelError(f"cannot hand the model to the cuda build process: {one_line(exc)}") from None
+        args = [model_path, str(out_path), spec.name, json.dumps(spec.tvm_target)]
+        cmd = [sys.executable, "-c", CHILD_CODE, *args, *([tuning_db] if tuning_db else [])]
+        done = subprocess.run(cmd, env=_child_env(stubs, nvcc), capture_output=True, text=True, check=False)
+    for line in done.stdout.splitlines():
+        if line.startswith(LOG_PREFIX) and log is not None:
+            log(line[len(LOG_PREFIX):].strip())
+    if done.returncode != 0:
+        raise _child_error(done.returncode, done.stderr)
+
+
+def device_code(path: str | os.PathLike) -> str | None:
+    """What device code an exported library embeds: 'cubin', 'ptx', 'cuda-source' or None."""
+    data = Path(path).read_bytes()
+    start = data.find(b"\x7fELF", 1)  # offset 0 is the host library itself
+    while start != -1:
+        if int.from_bytes(data[start + 18:start + 20], "little") == EM_CUDA:
+            return "cubin"
+        start = data.find(b"\x7fELF", start + 1)
+    if b"__global__" in data:
+        return "cuda-source"
+    return "ptx" if b".target sm_" in data else None
+
+
+def _child_env(stubs: Path, nvcc: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(stubs), env.get("LD_LIBRARY_PATH")]))
+    env["PATH"] = os.pathsep.join(filter(None, [os.path.dirname(nvcc), env.get("PATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    env["TVM_CUDA_COMPILE_MODE"] = "nvcc"  # NVRTC would need cuda-bindings and a real driver
+    return env
+
+
+def _child_error(returncode: int, stderr: str) -> RewriterError:
+    """The child's one-line error, or its last stderr line when it died without one."""
+    for line in reversed(stderr.splitlines()):
+        if line.startswith(USAGE_PREFIX):
+            return UsageError(line[len(USAGE_PREFIX):].strip())
+        if line.startswith(ERROR_PREFIX):
+            return ModelError(line[len(ERROR_PREFIX):].strip())
+    last = [line.strip() for line in stderr.splitlines() if line.strip()]
+    return ModelError(f"the cuda build process failed (exit {returncode}): {last[-1] if last else 'no output'}")
+
+
+def child_main(argv: list[str]) -> int:
+    from targets.lower import lower_and_export
+    from targets.presets import export_compiler
+
+    model_path, out_path, name, target_json, *rest = argv
+    spec = TargetSpec(name, json.loads(target_json), name)
+    try:
+        _check_cuda_runtime()
+        model = onnx.load_model(model_path)
+        lower_and_export(model, spec, Path(out_path), 0, rest[0] if rest else None,
+                         lambda msg: print(LOG_PREFIX, msg, flush=True), export_compiler(spec))
+    except UsageError as exc:
+        print(USAGE_PREFIX, one_line(exc), file=sys.stderr)
+        return 2
+    except Exception as exc:  # any failure must reach the parent as one line
+        print(ERROR_PREFIX, one_line(exc), file=sys.stderr)
+        return 3
+    return 0
+
+
+def _check_cuda_runtime() -> None:
+    """Without a loaded cuda runtime TVM silently falls back to CUDA C source: refuse that."""
+    import tvm
+
+    if not tvm.runtime.enabled("cuda"):
+        raise ModelError("TVM's cuda runtime did not load against the CUDA driver stub: cannot precompile a cubin")
