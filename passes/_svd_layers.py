@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import networkx as nx
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -178,3 +179,23 @@ def live_node(model: onnx.ModelProto, output: str) -> onnx.NodeProto:
 
 def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
     return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
+
+
+def independent_waves(model: onnx.ModelProto, layers: list[Layer]) -> list[list[Layer]]:
+    """Layers grouped by depth in the layer dependency graph: no layer in a group feeds another,
+    so their inputs can be captured together and each group sees every earlier group's rewrite."""
+    graph = nx.DiGraph()
+    producers = {out: node.output[0] for node in model.graph.node for out in node.output if out}
+    for node in model.graph.node:
+        graph.add_node(node.output[0])
+        graph.add_edges_from((producers[name], node.output[0]) for name in node.input if name in producers)
+    keys = {layer.node.output[0]: layer for layer in layers}
+    depth: dict[str, int] = {}
+    for key in nx.topological_sort(graph):
+        if key in keys:
+            earlier = [depth[a] for a in nx.ancestors(graph, key) if a in keys]
+            depth[key] = 1 + max(earlier, default=-1)
+    waves: dict[int, list[Layer]] = {}
+    for key, layer in keys.items():
+        waves.setdefault(depth[key], []).append(layer)
+    return [waves[d] for d in sorted(waves)]

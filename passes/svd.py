@@ -42,6 +42,7 @@ from ._svd_layers import (
     drop_unused_initializers,
     factor_weights,
     find_layer,
+    independent_waves,
     initializer_array,
     is_head,
     live_node,
@@ -54,6 +55,13 @@ MAX_COVARIANCE_DIM = 4608
 # Sequential fitting stops reading samples once a layer's moments rest on this many input rows.
 ROWS_PER_INPUT, MIN_ROWS = 64, 16384
 NEEDS_DATA = "data_aware=true fits each split to the layer's outputs; or --opt svd.data_aware=false"
+
+
+def _moments(new: np.ndarray, cross: np.ndarray, old: np.ndarray) -> Moments:
+    """Moments, marked unchanged when the rewritten model feeds the layer exactly what the original does."""
+    if np.array_equal(new, old) and np.array_equal(cross, old):
+        return Moments.same(old)
+    return Moments(new, cross, old)
 
 
 def _error_summary(details: dict) -> dict:
@@ -117,19 +125,19 @@ class SvdPass:
             ratio = self._ratio_for_budget(model, layers, ctx.budget["macs"])
         changed, details = [], {}
         original = copy_model(model) if self.data_aware else model  # the reference the fits aim at
-        covs = {} if self.sequential else self._covariances(model, layers, ctx)
-        for layer in progress(layers, total=len(layers), desc="svd: layers"):
-            moments = covs.get(layer.label)
+        covs = {} if self.sequential else self._covariances(model, layers, ctx)  # one pass serves all layers
+        for wave in progress(independent_waves(model, layers), desc="svd: layer groups"):
             if self.sequential:
-                moments = self._paired_moments(original, model, layer, ctx)
-            outcome = self._split(model, view, layer, moments, ratio)
-            if isinstance(outcome, dict) and layer.kind == "spatial" and self.data_aware:
-                outcome.update(self._refit_spatial(original, model, layer, ctx))
-            if isinstance(outcome, str):
-                skipped[layer.label] = outcome
-            else:
-                changed.append(layer.label)
-                details[layer.label] = outcome
+                covs = self._paired_moments(original, model, wave, ctx)
+            for layer in wave:
+                outcome = self._split(model, view, layer, covs.get(layer.label), ratio)
+                if isinstance(outcome, dict) and layer.kind == "spatial" and self.data_aware:
+                    outcome.update(self._refit_spatial(original, model, layer, ctx))
+                if isinstance(outcome, str):
+                    skipped[layer.label] = outcome
+                else:
+                    changed.append(layer.label)
+                    details[layer.label] = outcome
         drop_unused_initializers(model)
         mode = ("sequential " if self.sequential else "") + "data-aware" if self.data_aware else "weight"
         notes = {"mode": mode, "rank_ratio": ratio, **_error_summary(details), "layers": details, "skipped": skipped}
@@ -215,30 +223,36 @@ class SvdPass:
         return {k: Moments.same(sums[k] / max(counts[k], 1)) for k in sums}
 
     def _paired_moments(
-        self, original: onnx.ModelProto, current: onnx.ModelProto, layer: Layer, ctx: PassContext
-    ) -> Moments | None:
-        """Moments of the layer's input in the original and in the model rewritten so far, sample by sample."""
-        if not self.data_aware or layer.kind == "spatial" or layer.w.shape[0] > MAX_COVARIANCE_DIM:
-            return None
+        self, original: onnx.ModelProto, current: onnx.ModelProto, wave: list[Layer], ctx: PassContext
+    ) -> dict[str, Moments]:
+        """Moments of each layer's input in the original and in the model rewritten so far, sample by sample.
+
+        No layer of a wave feeds another, so one pass over the samples serves them all."""
+        wanted = [la for la in wave if self._fits_on_data(la)]
+        if not wanted:
+            return {}
         ctx.require_data("svd", NEEDS_DATA)
-        k = layer.w.shape[0]
-        sums = {"new": np.zeros((k, k)), "cross": np.zeros((k, k)), "old": np.zeros((k, k))}
-        count = 0
+        sums = {la.label: [np.zeros((la.w.shape[0],) * 2) for _ in range(3)] for la in wanted}
+        counts = dict.fromkeys(sums, 0)
 
         def update(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> bool:
-            nonlocal count
-            x = layer.rows(before[layer.node.input[0]].astype(np.float64))
-            x_new = layer.rows(after[layer.node.input[0]].astype(np.float64))
-            sums["new"] += x_new.T @ x_new
-            sums["cross"] += x_new.T @ x
-            sums["old"] += x.T @ x
-            count += len(x)
-            return count >= max(ROWS_PER_INPUT * k, MIN_ROWS)  # enough rows for stable k x k moments
+            for la in wanted:
+                if counts[la.label] >= max(ROWS_PER_INPUT * la.w.shape[0], MIN_ROWS):
+                    continue  # enough rows for stable k x k moments
+                x = la.rows(before[la.node.input[0]].astype(np.float64))
+                x_new = la.rows(after[la.node.input[0]].astype(np.float64))
+                new, cross, old = sums[la.label]
+                new += x_new.T @ x_new
+                cross += x_new.T @ x
+                old += x.T @ x
+                counts[la.label] += len(x)
+            return all(counts[la.label] >= max(ROWS_PER_INPUT * la.w.shape[0], MIN_ROWS) for la in wanted)
 
-        ctx.reduce_pair(original, current, [layer.node.input[0]], update)
-        if np.array_equal(sums["new"], sums["old"]) and np.array_equal(sums["cross"], sums["old"]):
-            return Moments.same(sums["old"] / count)
-        return Moments(**{key: value / count for key, value in sums.items()})
+        ctx.reduce_pair(original, current, sorted({la.node.input[0] for la in wanted}), update)
+        return {label: _moments(*(m / max(counts[label], 1) for m in sums[label])) for label in sums}
+
+    def _fits_on_data(self, layer: Layer) -> bool:
+        return self.data_aware and layer.kind != "spatial" and layer.w.shape[0] <= MAX_COVARIANCE_DIM
 
     def _split(
         self, model: onnx.ModelProto, view: GraphView, layer: Layer, moments: Moments | None, ratio: float

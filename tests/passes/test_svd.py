@@ -227,3 +227,23 @@ def test_sequence_model_matmuls_with_leading_axes():
     assert "head" in result.report["passes"][0]["notes"]["skipped"]["head"]
     assert result.report["output"]["macs"] < 0.5 * result.report["input"]["macs"]
     assert result.report["fidelity"]["cosine"] > 0.9
+
+
+def test_independent_layers_share_a_capture_wave():
+    """Two parallel branches fed by one layer: the branches form one wave after the shared layer."""
+    from onnx import helper
+
+    from passes._svd_layers import find_layer, independent_waves
+    from rewriter.graph import GraphView
+    from tests.helpers import make_model, tensor, value
+
+    rng = np.random.default_rng(10)
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"], name="stem"),
+             helper.make_node("MatMul", ["h", "wa"], ["a"], name="left"),
+             helper.make_node("MatMul", ["h", "wb"], ["b"], name="right"),
+             helper.make_node("Add", ["a", "b"], ["y"], name="join")]
+    inits = [tensor(n, rng.normal(size=(16, 16))) for n in ("w0", "wa", "wb")]
+    model = _canonical(make_model(nodes, [value("x", ["N", 16])], [value("y", ["N", 16])], inits), [16])
+    view = GraphView(model)
+    layers = [find_layer(view, n, "channel") for n in model.graph.node if n.op_type == "MatMul"]
+    assert [[la.label for la in wave] for wave in independent_waves(model, layers)] == [["stem"], ["left", "right"]]
