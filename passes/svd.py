@@ -57,6 +57,11 @@ ROWS_PER_INPUT, MIN_ROWS = 64, 16384
 NEEDS_DATA = "data_aware=true fits each split to the layer's outputs; or --opt svd.data_aware=false"
 
 
+def _rows_needed(k: int) -> int:
+    """Input rows after which k x k moments are stable enough to stop reading samples."""
+    return max(ROWS_PER_INPUT * k, MIN_ROWS)
+
+
 def _moments(new: np.ndarray, cross: np.ndarray, old: np.ndarray) -> Moments:
     """Moments, marked unchanged when the rewritten model feeds the layer exactly what the original does."""
     if np.array_equal(new, old) and np.array_equal(cross, old):
@@ -166,7 +171,7 @@ class SvdPass:
             cross[:] += patches.T @ target
             energy += float(np.sum(target**2))
             count += len(patches)
-            return count >= max(ROWS_PER_INPUT * k, MIN_ROWS)
+            return count >= _rows_needed(k)
 
         ctx.reduce_pair(original, model, [layer.node.output[0]], update, after_names=[second.input[0]])
         fitted = ridge_refit(gram, cross, start)
@@ -205,8 +210,8 @@ class SvdPass:
 
     def _covariances(self, model: onnx.ModelProto, layers: list[Layer], ctx: PassContext) -> dict:
         """E[x x^T] of each layer's input rows on the fit samples, accumulated one sample at a time."""
-        wanted = [la for la in layers if la.kind != "spatial" and la.w.shape[0] <= MAX_COVARIANCE_DIM]
-        if not self.data_aware or not wanted:
+        wanted = [la for la in layers if self._fits_on_data(la)]
+        if not wanted:
             return {}
         ctx.require_data("svd", NEEDS_DATA)
         sums = {la.label: np.zeros((la.w.shape[0],) * 2) for la in wanted}
@@ -237,8 +242,8 @@ class SvdPass:
 
         def update(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> bool:
             for la in wanted:
-                if counts[la.label] >= max(ROWS_PER_INPUT * la.w.shape[0], MIN_ROWS):
-                    continue  # enough rows for stable k x k moments
+                if counts[la.label] >= _rows_needed(la.w.shape[0]):
+                    continue
                 x = la.rows(before[la.node.input[0]].astype(np.float64))
                 x_new = la.rows(after[la.node.input[0]].astype(np.float64))
                 new, cross, old = sums[la.label]
@@ -246,7 +251,7 @@ class SvdPass:
                 cross += x_new.T @ x
                 old += x.T @ x
                 counts[la.label] += len(x)
-            return all(counts[la.label] >= max(ROWS_PER_INPUT * la.w.shape[0], MIN_ROWS) for la in wanted)
+            return all(counts[la.label] >= _rows_needed(la.w.shape[0]) for la in wanted)
 
         ctx.reduce_pair(original, current, sorted({la.node.input[0] for la in wanted}), update)
         return {label: _moments(*(m / max(counts[label], 1) for m in sums[label])) for label in sums}
