@@ -16,6 +16,7 @@ from typing import Any
 
 import onnx
 
+from rewriter.canonical import graph_inputs
 from rewriter.errors import ModelError, RewriterError, UsageError
 from targets import cuda_offline, tuning
 from targets.presets import TargetSpec, describe, export_compiler, make_tvm_target, one_line
@@ -65,7 +66,7 @@ def build_artifact(
         device_code=cuda_offline.device_code(out) if spec.is_gpu else None,
         build_seconds=round(time.perf_counter() - start, 3),
     )
-    _say(log, f"built {Path(out_path).name} in {report['build_seconds']:.1f} s")
+    _say(log, f"built {out.name} in {report['build_seconds']:.1f} s")
     return report
 
 
@@ -91,12 +92,9 @@ def lower_and_export(
 
 def static_inputs(model: onnx.ModelProto) -> tuple[dict[str, list[int]], dict[str, str]]:
     """Shapes and dtypes of the model's real inputs (initializers excluded); ModelError if dynamic."""
-    initializers = {init.name for init in model.graph.initializer}
     shapes: dict[str, list[int]] = {}
     dtypes: dict[str, str] = {}
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
+    for value in graph_inputs(model):
         tensor = value.type.tensor_type
         dims = [dim.dim_value if dim.HasField("dim_value") else -1 for dim in tensor.shape.dim]
         if not tensor.HasField("shape") or any(dim <= 0 for dim in dims):
