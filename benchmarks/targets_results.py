@@ -31,7 +31,7 @@ from rewriter.bench import ort_latency_ms
 from rewriter.errors import RewriterError
 from rewriter.loading import serialize
 from rewriter.metrics import count_macs
-from targets import artifact_latency_ms, build_artifact, resolve_target
+from rewriter.targets import artifact_latency_ms, build_artifact, resolve_target
 
 THREADS = 2
 

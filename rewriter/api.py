@@ -26,7 +26,7 @@ from .progress import log
 from .registry import make_pass, resolve_options
 
 # The package that lowers models through TVM; the core reaches it by name only.
-TARGETS_PACKAGE = "targets"
+TARGETS_PACKAGE = "rewriter.targets"
 SYNTHETIC_SAMPLES = 64
 
 

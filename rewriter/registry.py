@@ -5,14 +5,19 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Mapping
+from importlib.metadata import entry_points
 from typing import Any
 
 from .errors import UsageError
 from .pass_api import Pass
+from .progress import log
 
 _passes: dict[str, type] = {}
 # The package holding the built-in passes; it registers them when imported.
-BUILTIN_PACKAGE = "passes"
+BUILTIN_PACKAGE = "rewriter.passes"
+# Third-party packages register passes by naming a module under this entry-point group.
+ENTRY_POINT_GROUP = "rewriter.passes"
+_loaded = False
 
 
 def register_pass(name: str):
@@ -29,8 +34,17 @@ def register_pass(name: str):
 
 
 def _load_builtin() -> None:
-    if not _passes:
-        importlib.import_module(BUILTIN_PACKAGE)
+    """Import the built-in passes and every installed plugin once, whatever was registered before."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    importlib.import_module(BUILTIN_PACKAGE)
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            entry.load()
+        except Exception as exc:  # a broken plugin must not take the built-in passes down with it
+            log(f"warning: pass plugin {entry.name!r} ({entry.value}) failed to load: {exc}")
 
 
 def available_passes() -> list[str]:

@@ -3,8 +3,8 @@
 TVM is imported lazily inside the functions, so importing this package is cheap.
 """
 
-from targets.lower import build_artifact
-from targets.presets import TargetSpec, resolve_target
-from targets.timing import artifact_latency_ms
+from rewriter.targets.lower import build_artifact
+from rewriter.targets.presets import TargetSpec, resolve_target
+from rewriter.targets.timing import artifact_latency_ms
 
 __all__ = ["TargetSpec", "artifact_latency_ms", "build_artifact", "resolve_target"]

@@ -17,17 +17,20 @@ from typing import Any
 
 import onnx
 
+import rewriter
 from rewriter.errors import ModelError, RewriterError, UsageError
-from targets.cuda_stub import find_nvcc, stub_dir
-from targets.presets import TargetSpec, one_line
+from rewriter.targets.cuda_stub import find_nvcc, stub_dir
+from rewriter.targets.presets import TargetSpec, one_line
 
 ERROR_PREFIX = "rewriter-error:"
 USAGE_PREFIX = "rewriter-usage-error:"
 LOG_PREFIX = "rewriter-log:"
 EM_CUDA = 190  # ELF e_machine of a cubin
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# `-c`, not `-m`: `targets` imports this module, so runpy would warn about running it twice.
-CHILD_CODE = "import sys; from targets.cuda_offline import child_main; sys.exit(child_main(sys.argv[1:]))"
+# The folder holding the `rewriter` package, for the child process (installed or in a checkout).
+PACKAGE_ROOT = Path(rewriter.__file__).resolve().parent.parent
+# `-c`, not `-m`: the package imports this module, so runpy would warn about running it twice;
+# `-P` keeps the working directory off the child's path, so a stray module there cannot shadow ours.
+CHILD_CODE = "import sys; from rewriter.targets.cuda_offline import child_main; sys.exit(child_main(sys.argv[1:]))"
 
 
 def needs_child(spec: TargetSpec) -> bool:
@@ -49,7 +52,7 @@ def build_in_child(model: onnx.ModelProto, spec: TargetSpec, out_path: Path, tun
         except (ValueError, OSError) as exc:
             raise ModelError(f"cannot hand the model to the cuda build process: {one_line(exc)}") from None
         args = [model_path, str(out_path), spec.name, json.dumps(spec.tvm_target)]
-        cmd = [sys.executable, "-c", CHILD_CODE, *args, *([tuning_db] if tuning_db else [])]
+        cmd = [sys.executable, "-P", "-c", CHILD_CODE, *args, *([tuning_db] if tuning_db else [])]
         done = subprocess.run(cmd, env=_child_env(stubs, nvcc), capture_output=True, text=True, check=False)
     for line in done.stdout.splitlines():
         if line.startswith(LOG_PREFIX) and log is not None:
@@ -75,7 +78,7 @@ def _child_env(stubs: Path, nvcc: str) -> dict[str, str]:
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(stubs), env.get("LD_LIBRARY_PATH")]))
     env["PATH"] = os.pathsep.join(filter(None, [os.path.dirname(nvcc), env.get("PATH")]))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
     env["TVM_CUDA_COMPILE_MODE"] = "nvcc"  # NVRTC would need cuda-bindings and a real driver
     return env
 
@@ -92,8 +95,8 @@ def _child_error(returncode: int, stderr: str) -> RewriterError:
 
 
 def child_main(argv: list[str]) -> int:
-    from targets.lower import lower_and_export
-    from targets.presets import export_compiler
+    from rewriter.targets.lower import lower_and_export
+    from rewriter.targets.presets import export_compiler
 
     model_path, out_path, name, target_json, *rest = argv
     spec = TargetSpec(name, json.loads(target_json), name)

@@ -18,8 +18,8 @@ import onnx
 
 from rewriter.canonical import graph_inputs
 from rewriter.errors import ModelError, RewriterError, UsageError
-from targets import cuda_offline, tuning
-from targets.presets import TargetSpec, describe, export_compiler, make_tvm_target, one_line
+from rewriter.targets import cuda_offline, tuning
+from rewriter.targets.presets import TargetSpec, describe, export_compiler, make_tvm_target, one_line
 
 Log = Callable[[str], None]
 

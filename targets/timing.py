@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from targets.presets import TargetSpec
+from rewriter.targets.presets import TargetSpec
 
 
 def runs_here(spec: TargetSpec) -> bool:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rewriter.errors import ModelError, UsageError
-from targets.presets import TargetSpec, one_line
+from rewriter.targets.presets import TargetSpec, one_line
 
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from passes._lowrank import Moments, lowrank_factor, output_error, pick_rank, spatial_factor
-from passes.svd import SvdPass
 from rewriter import rewrite
 from rewriter.calib import Calibration
 from rewriter.canonical import canonicalize
 from rewriter.pass_api import PassContext
+from rewriter.passes._lowrank import Moments, lowrank_factor, output_error, pick_rank, spatial_factor
+from rewriter.passes.svd import SvdPass
 from rewriter.pipeline import checked
 from tests.helpers import (
     CALIB,
@@ -233,8 +233,8 @@ def test_independent_layers_share_a_capture_wave():
     """Two parallel branches fed by one layer: the branches form one wave after the shared layer."""
     from onnx import helper
 
-    from passes._svd_layers import find_layer, independent_waves
     from rewriter.graph import GraphView
+    from rewriter.passes._svd_layers import find_layer, independent_waves
     from tests.helpers import make_model, tensor, value
 
     rng = np.random.default_rng(10)

@@ -159,7 +159,7 @@ def test_guardrail_exit_4_leaves_nothing_and_input_untouched(work, capsys):
 
 
 def test_failure_removes_the_folders_it_made_for_out_dir(work, capsys, monkeypatch):
-    import targets
+    from rewriter import targets
 
     def broken_build(*args, **kwargs):
         from rewriter.errors import ModelError

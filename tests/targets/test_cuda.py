@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from rewriter.errors import ModelError, UsageError
-from targets import build_artifact, resolve_target
+from rewriter.targets import build_artifact, resolve_target
 from tests.targets.test_lower import conv_gemm_model, mlp_model, unsupported_model
 
 tvm = pytest.importorskip("tvm")
 
 
 def _has_nvcc() -> bool:
-    from targets.cuda_stub import find_nvcc
+    from rewriter.targets.cuda_stub import find_nvcc
 
     with contextlib.suppress(UsageError):
         return bool(find_nvcc())
@@ -41,7 +41,7 @@ def test_cuda_builds_without_gpu(tmp_path: Path) -> None:
 
 
 def test_cuda_without_nvcc_is_usage_error(monkeypatch, tmp_path: Path) -> None:
-    from targets import cuda_offline, cuda_stub
+    from rewriter.targets import cuda_offline, cuda_stub
 
     if tvm.cuda(0).exist:
         pytest.skip("a GPU is present: the cuda target builds in-process")

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rewriter.errors import ModelError, UsageError
-from targets import TargetSpec, build_artifact, resolve_target
+from rewriter.targets import TargetSpec, build_artifact, resolve_target
 
 tvm = pytest.importorskip("tvm")
 ort = pytest.importorskip("onnxruntime")
@@ -146,7 +146,7 @@ def test_resolve_custom_json() -> None:
 
 
 def test_custom_llvm_target_gets_this_machines_cores_for_tuning() -> None:
-    from targets.presets import make_tvm_target
+    from rewriter.targets.presets import make_tvm_target
 
     target = make_tvm_target(resolve_target('{"kind": "llvm", "mcpu": "skylake"}'))
     assert int(target.attrs["num-cores"]) >= 1
