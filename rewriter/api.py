@@ -13,11 +13,12 @@ from typing import Any
 import numpy as np
 import onnx
 
-from . import capture, metrics
+from . import metrics
 from .bench import ort_latency_ms
 from .calib import LABELS, Calibration, check_arrays, load_calibration, split, synthetic_calibration
 from .canonical import canonicalize, graph_inputs, resolve_input_shapes
 from .errors import UsageError
+from .layouts import parse_output_axis
 from .loading import load_model, save_model, serialize
 from .output import check_out_dir, staged_dir
 from .pass_api import PassContext
@@ -90,6 +91,7 @@ def rewrite(
     tuning_db: str | None = None,
     bench: bool = False,
     budget: Mapping[str, float] | None = None,
+    output_axes: Mapping[str, int | str] | None = None,
 ) -> RewriteResult:
     """Canonicalise, run the passes with their checks, and (with out_dir) write model, artifact, report."""
     start = time.perf_counter()
@@ -99,6 +101,7 @@ def rewrite(
     spec = _targets().resolve_target(target)
     plan = _plan(list(passes), options or {})
     budget = check_budget(budget)
+    output_axes = check_output_axes(output_axes)
     original = load_model(path) if path is not None else model
     data = _load_calib(calib, original, input_shapes, seed)
     if max_drop is not None and data is None:
@@ -115,8 +118,9 @@ def rewrite(
         log("no calibration data (--calib): fidelity is not measured")
     else:
         fit, held = split(data, holdout, seed)
-        names = [o.name for o in original.graph.output]
-        reference = Reference(held, names, capture.collect(original, held, names, desc="reference outputs"))
+        reference = Reference.build(original, base, held, output_axes)
+        log("fidelity read along: " + "; ".join(f"{n}: axis {lay.feature_axis} ({lay.why})"
+                                               for n, lay in reference.layouts.items()))
     ctx = PassContext(fit=fit, seed=seed, budget=budget)
     final, records = run_passes(base, plan, ctx, reference, max_drop)
 
@@ -170,6 +174,21 @@ def _versions() -> dict[str, str]:
         except PackageNotFoundError:
             found[package] = "not installed"
     return found
+
+
+def check_output_axes(given: Mapping[str, int | str] | None) -> dict[str, tuple[int, bool | None]]:
+    """{output: 1 or '2:scores'} -> {output: (axis, carries class scores or None)}."""
+    if given is None:
+        return {}
+    if not isinstance(given, Mapping):
+        raise UsageError(f"output_axes must map output names to axes, got {type(given).__name__}")
+    checked_axes = {}
+    for name, axis in given.items():
+        if isinstance(axis, bool) or not isinstance(axis, int | str):
+            raise UsageError(f"output_axes[{name!r}] must be an axis number or 'AXIS:scores', got {axis!r}")
+        _, index, scores = parse_output_axis(f"{name}={axis}")
+        checked_axes[name] = (index, scores)
+    return checked_axes
 
 
 def check_budget(budget: Mapping[str, float] | None) -> dict[str, float]:

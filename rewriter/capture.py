@@ -92,6 +92,21 @@ def collect(
     return {n: np.concatenate(v, axis=0) if v[0].ndim else np.stack(v) for n, v in parts.items()}
 
 
+def collect_samples(
+    model: onnx.ModelProto,
+    calib: Calibration,
+    names: Sequence[str] | None = None,
+    desc: str | None = None,
+) -> dict[str, list[np.ndarray]]:
+    """Every sample's values of `names`, one array per sample: nothing is assumed about a batch axis."""
+    names = list(names) if names is not None else [o.name for o in model.graph.output]
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for values in run(model, calib, names, desc):
+        for name, value in values.items():
+            parts[name].append(value)
+    return parts
+
+
 def reduce(
     model: onnx.ModelProto,
     calib: Calibration,

@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 from .api import rewrite
 from .canonical import parse_input_shape
 from .errors import RewriterError, UsageError
+from .layouts import parse_output_axis
 from .progress import set_quiet
 from .registry import available_passes, pass_options
 
@@ -52,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench", action="store_true", help="time original, rewritten model and artifact")
     p.add_argument("--budget", default=None, metavar="macs=0.5",
                    help="budget-aware passes (svd) pick their strength to keep at most this share of MACs")
+    p.add_argument("--output-axis", action="append", default=[], metavar="NAME=AXIS[:scores]",
+                   help="the feature axis of an output for fidelity (':scores' if it holds class scores)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -101,7 +104,7 @@ def _merged(args: argparse.Namespace) -> dict[str, Any]:
     """Flags over the TOML config over built-in defaults."""
     config = _read_config(args.config)
     known = {"passes", "target", "out_dir", "calib", "options", "input_shapes", "max_drop", "holdout", "seed",
-             "tune_trials", "tuning_db", "force", "bench", "budget"}
+             "tune_trials", "tuning_db", "force", "bench", "budget", "output_axes"}
     unknown = sorted(set(config) - known)
     if unknown:
         raise UsageError(f"unknown key(s) in {args.config}: {', '.join(unknown)}")
@@ -111,6 +114,11 @@ def _merged(args: argparse.Namespace) -> dict[str, Any]:
     options = {k: dict(v) for k, v in config.get("options", {}).items()}
     for name, values in parse_opts(args.opt).items():
         options.setdefault(name, {}).update(values)
+    axes = dict(config.get("output_axes", {}))
+    for item in args.output_axis:
+        name, _, axis = item.rpartition("=")
+        parse_output_axis(item)  # one message for a malformed flag
+        axes[name] = axis
     shapes = dict(config.get("input_shapes", {}))
     shapes.update(parse_input_shape(s) for s in args.input_shape)
 
@@ -125,6 +133,7 @@ def _merged(args: argparse.Namespace) -> dict[str, Any]:
         "tuning_db": pick("tuning_db", None), "force": pick("force", False),
         "out_dir": pick("out_dir", None) or f"{Path(args.model).stem}.rewritten", "bench": pick("bench", False),
         "budget": parse_budget(args.budget) if args.budget else config.get("budget"),
+        "output_axes": axes or None,
     }
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,21 +12,33 @@ import onnx
 from . import capture, fidelity, metrics
 from .calib import Calibration
 from .errors import GuardrailError, ModelError
+from .layouts import OutputLayout, infer_layouts
 from .pass_api import Pass, PassContext
 from .progress import log
 
 
 @dataclass
 class Reference:
-    """The original model's outputs on the held-out samples, kept from the start."""
+    """The original model's outputs on the held-out samples (one array per sample), kept from the start,
+    and how each output is read (its feature axis and class scores)."""
 
     held: Calibration
     names: list[str]
-    outputs: dict[str, np.ndarray]
+    outputs: dict[str, list[np.ndarray]]
+    layouts: dict[str, OutputLayout]
+
+    @classmethod
+    def build(
+        cls, original: onnx.ModelProto, canonical: onnx.ModelProto, held: Calibration,
+        given_axes: Mapping[str, tuple[int, bool | None]] | None = None,
+    ) -> Reference:
+        names = [o.name for o in original.graph.output]
+        outputs = capture.collect_samples(original, held, names, desc="reference outputs")
+        return cls(held, names, outputs, infer_layouts(canonical, outputs, held.labels, given_axes))
 
     def measure(self, model: onnx.ModelProto, desc: str | None = None) -> dict:
-        new = capture.collect(model, self.held, self.names, desc=desc)
-        return fidelity.compare(self.names, self.outputs, new, self.held.labels)
+        new = capture.collect_samples(model, self.held, self.names, desc=desc)
+        return fidelity.compare(self.names, self.outputs, new, self.layouts, self.held.labels)
 
 
 def checked(model: onnx.ModelProto, who: str) -> onnx.ModelProto:
@@ -46,7 +58,8 @@ def _guard(name: str, fid: dict | None, max_drop: float | None) -> None:
     worst = fid["channel_cosine_worst"]
     raise GuardrailError(
         f"pass {name!r} dropped fidelity by {fid['drop']:.4f} > --max-drop {max_drop} "
-        f"(worst channel cosine {fid['channel_cosine_min']:.4f} at {worst['output']}[{worst['channel']}]"
+        f"(worst channel cosine {fid['channel_cosine_min']:.4f} at {worst['output']} channel {worst['channel']} "
+        f"of axis {worst['axis']}, sample cosine {fid['cosine']:.4f}"
         + (f", top-1 agreement {fid['top1_agreement']:.4f}" if "top1_agreement" in fid else "")
         + ")"
     )
