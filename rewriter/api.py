@@ -18,6 +18,7 @@ from .bench import ort_latency_ms
 from .calib import LABELS, Calibration, check_arrays, load_calibration, split, synthetic_calibration
 from .canonical import canonicalize, graph_inputs, resolve_input_shapes
 from .errors import UsageError
+from .interface import ensure_runs, restore_dynamic_dims
 from .layouts import parse_output_axis
 from .loading import load_model, save_model, serialize
 from .output import check_out_dir, staged_dir
@@ -124,17 +125,22 @@ def rewrite(
     ctx = PassContext(fit=fit, seed=seed, budget=budget)
     final, records = run_passes(base, plan, ctx, reference, max_drop)
 
+    feeds = _check_feeds(reference, shapes, original, seed)
+    written, interface = restore_dynamic_dims(original, final, feeds)
+    ensure_runs(written)
     report = _report(path, original, base, final, records, reference, data)
+    report["output"]["bytes"] = metrics.count_bytes(written)  # MACs at the fitted shape, bytes as written
+    report["interface"] = interface
     report.update(input_shapes=shapes, seed=seed, max_drop=max_drop, budget=_budget_report(budget, base, final),
                   versions=_versions())
     report["target"] = {"name": spec.name, "tvm_target": spec.tvm_target, "artifact": None,
                         "tuning_trials": tune_trials, "tuning_db": tuning_db}
-    result = RewriteResult(final, report)
+    result = RewriteResult(written, report)
     feed = _bench_feed(reference, shapes, original, seed) if bench else None
     if feed is not None:
         report["bench"] = _bench(base, final, feed)
     if out_dir is not None:
-        _write(result, Path(out_dir), spec, force, tune_trials, tuning_db, start, feed)
+        _write(result, final, Path(out_dir), spec, force, tune_trials, tuning_db, start, feed)
     report["seconds"] = round(time.perf_counter() - start, 3)
     return result
 
@@ -155,7 +161,7 @@ def _report(
         "input": {**metrics.summarize(base, str(path) if path else None), "bytes": input_bytes,
                   "params": metrics.count_params(original)},
         "output": metrics.summarize(final, None),
-        "output_shapes": _output_shapes(final),
+        "output_shapes": _output_shapes(final),  # at the fitted shape; `interface` lists the open dims
         "calibration": _calib_report(data, reference),
         "canonical_fidelity": canonical_fid,
         "passes": records,
@@ -210,6 +216,13 @@ def _budget_report(budget: Mapping[str, float], base: onnx.ModelProto, final: on
     return {"macs": budget["macs"], "achieved": achieved, "met": achieved <= budget["macs"] + 1e-9}
 
 
+def _check_feeds(reference: Reference | None, shapes: Mapping, model: onnx.ModelProto, seed: int) -> list[dict]:
+    """Two single samples at the fitted shape, to check the restored dims with."""
+    source = reference.held if reference is not None and len(reference.held) >= 2 else None
+    source = source or synthetic_calibration(model, shapes, 2, seed)
+    return list(source.take(np.arange(2)).samples())
+
+
 def _bench_feed(reference: Reference | None, shapes: Mapping, model: onnx.ModelProto, seed: int) -> dict:
     if reference is not None:
         return next(reference.held.samples())
@@ -244,20 +257,21 @@ def _calib_report(data: Calibration | None, ref: Reference | None) -> dict | Non
 
 
 def _write(
-    result: RewriteResult, out_dir: Path, spec, force: bool, tune_trials: int, tuning_db, start: float,
-    feed: dict[str, np.ndarray] | None,
+    result: RewriteResult, static: onnx.ModelProto, out_dir: Path, spec, force: bool, tune_trials: int, tuning_db,
+    start: float, feed: dict[str, np.ndarray] | None,
 ) -> None:
+    """model.onnx with the user's interface, the artifact built from the `static` (fitted-shape) model, the report."""
     with staged_dir(out_dir, force) as stage:
         save_model(result.model, stage / "model.onnx")
         result.report["output"]["path"] = str(out_dir.resolve() / "model.onnx")
         if spec.name != "none":
             log(f"building for target {spec.name}")
         artifact = stage / f"model.{spec.artifact_suffix}.so"
-        target = _targets().build_artifact(result.model, spec, artifact, tune_trials, tuning_db, log)
+        target = _targets().build_artifact(static, spec, artifact, tune_trials, tuning_db, log)
         result.report["target"].update(target)
         if feed is not None and target.get("artifact"):
             log("timing the artifact")
-            inputs = [feed[v.name] for v in graph_inputs(result.model)]
+            inputs = [feed[v.name] for v in graph_inputs(static)]
             result.report["bench"]["artifact_ms"] = _targets().artifact_latency_ms(artifact, spec, inputs)
         # The report is final only after every other file is in place; write it last.
         result.report["seconds"] = round(time.perf_counter() - start, 3)

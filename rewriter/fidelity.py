@@ -133,7 +133,7 @@ def _output_figures(ref: Samples, new: Samples, layout: OutputLayout, labels: np
     ref_norm = np.sqrt(sum(float(np.sum(r * r)) for r, _ in pairs))
     err_norm = np.sqrt(sum(float(np.sum((n - r) ** 2)) for r, n in pairs))
     figures.update(channel_cosine_min=float(cosines.min()), worst_channel=int(cosines.argmin()),
-                   rel_l2=err_norm / max(ref_norm, 1e-30))
+                   rel_l2=float(err_norm / max(ref_norm, 1e-30)))
     if layout.has_classes and (found := top1_agreement(pairs, layout)) is not None:
         figures["top1_agreement"], figures["top1_positions"] = found
         if mismatched:

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from .errors import UsageError
-from .graph import GraphView
+from .graph import GraphView, attributes
 
 # Ops that keep every axis where it is (and the meaning of the values along it).
 _PASS_THROUGH = {"Identity", "Cast", "Dropout"}
@@ -72,11 +72,11 @@ def infer_layouts(
     layouts = {}
     label_output = _label_output(names, samples, labels)
     for name in names:
-        rank = samples[name][0].ndim
+        shape = samples[name][0].shape
         if name in given:
-            layouts[name] = _given(name, rank, *given[name], samples[name])
+            layouts[name] = _given(name, len(shape), *given[name], samples[name])
             continue
-        layout = _from_graph(view, name, rank) or _from_values(samples[name]) or _from_shape(samples[name][0].shape)
+        layout = _from_graph(view, name, shape) or _from_values(samples[name]) or _from_shape(shape)
         if layout.scores is None and name == label_output:
             layout = OutputLayout(layout.feature_axis, "labels", None, None,
                                   f"{layout.why}; class scores: the calibration labels index this axis")
@@ -113,22 +113,27 @@ def _normalise(axis: int, rank: int) -> int:
     return axis % rank if rank else 0
 
 
-def _from_graph(view: GraphView, name: str, rank: int, depth: int = 0) -> OutputLayout | None:
+def _from_graph(view: GraphView, name: str, shape: tuple[int, ...], depth: int = 0) -> OutputLayout | None:
     """Follow the producing op back through layout-neutral ops and Transposes."""
-    node = view.producer(name)
+    node, rank = view.producer(name), len(shape)
     if node is None or depth > 8 or rank == 0:
         return None
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    attrs = attributes(node)
     if node.op_type in _PASS_THROUGH:
-        return _from_graph(view, node.input[0], rank, depth + 1)
+        return _from_graph(view, node.input[0], shape, depth + 1)
+    if node.op_type == "Sigmoid":  # independent scores: the axis comes from the shape's convention
+        base = _from_shape(shape)
+        several = base.feature_axis is not None and shape[base.feature_axis] > 1
+        kind = "sigmoid scores" if several else "one-channel sigmoid map"
+        return OutputLayout(base.feature_axis, "sigmoid" if several else None, None, None, f"{kind}; {base.why}")
     if node.op_type in ("Softmax", "LogSoftmax"):
         axis = _normalise(attrs.get("axis", -1), rank)
         return OutputLayout(axis, _SCORE_OPS[node.op_type], None, None, f"{node.op_type} over axis {axis}")
     if node.op_type == "Transpose":
-        inner = _from_graph(view, node.input[0], rank, depth + 1)
+        perm = list(attrs["perm"]) if "perm" in attrs else list(range(rank))[::-1]
+        inner = _from_graph(view, node.input[0], tuple(shape[perm.index(i)] for i in range(rank)), depth + 1)
         if inner is None or inner.feature_axis is None:
             return None
-        perm = list(attrs["perm"]) if "perm" in attrs else list(range(rank))[::-1]
         axis = perm.index(inner.feature_axis)
         return OutputLayout(axis, inner.scores, inner.class_channels, inner.box_channels,
                             f"{inner.why}, moved to axis {axis} by Transpose")
@@ -184,7 +189,7 @@ def _sums_to_one(value: np.ndarray, axis: int) -> bool:
 
 
 def _from_shape(shape: tuple[int, ...]) -> OutputLayout:
-    """No evidence in the graph or the values: the usual convention for the rank."""
+    """No evidence in the graph or the values: the usual convention for the rank (stated as such)."""
     rank = len(shape)
     if rank == 0:
         return OutputLayout(None, why="scalar output")
@@ -192,5 +197,5 @@ def _from_shape(shape: tuple[int, ...]) -> OutputLayout:
         return OutputLayout(0, why="vector output: its only axis")
     if rank == 3 and shape[0] == 1:
         axis = 1 if shape[1] <= shape[2] else 2
-        return OutputLayout(axis, why=f"no graph evidence: the smaller of the last two axes ({axis})")
-    return OutputLayout(1, why="no graph evidence: axis 1 (NC... convention)")
+        return OutputLayout(axis, why=f"the smaller of the last two axes ({axis})")
+    return OutputLayout(1, why="axis 1 by the NC... convention")
