@@ -1,5 +1,5 @@
 """Built-in passes. Importing this package registers them (the project's only import-for-registration)."""
 
-from . import svd
+from . import exit, svd
 
-__all__ = ["svd"]
+__all__ = ["exit", "svd"]

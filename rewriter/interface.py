@@ -85,7 +85,7 @@ def _with_dims(final: onnx.ModelProto, dims: dict[Dim, str], output_dims: dict[t
     model.CopyFrom(final)
     if any(axis == 0 for _, axis in dims):
         _free_batch_in_reshapes(model)
-    model.graph.ClearField("value_info")  # intermediate shapes were static; let runtimes infer them again
+    _clear_value_info(model.graph)  # intermediate shapes were static; let runtimes infer them again
     inputs = {v.name: v for v in model.graph.input}
     for (name, axis), label in dims.items():
         inputs[name].type.tensor_type.shape.dim[axis].dim_param = label
@@ -95,6 +95,19 @@ def _with_dims(final: onnx.ModelProto, dims: dict[Dim, str], output_dims: dict[t
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # noqa: BLE001 - a graph that runs is still valid without value_info
         return model
+
+
+def _clear_value_info(graph: onnx.GraphProto) -> None:
+    """Drop inferred shapes here and in every subgraph (If branches carry their own, static ones,
+    on their outputs too)."""
+    graph.ClearField("value_info")
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                _clear_value_info(sub)
+                for output in sub.output:
+                    if output.type.HasField("tensor_type"):
+                        output.type.tensor_type.ClearField("shape")
 
 
 def _grown(feed: dict[str, np.ndarray], dims: Sequence[Dim]) -> dict[str, np.ndarray]:

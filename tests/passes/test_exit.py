@@ -1,0 +1,127 @@
+"""The exit pass: cut tensors, threshold choice, nested If control nodes on the digits ResNet sample."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from rewriter import rewrite
+from rewriter.cli import main
+from rewriter.dominators import cut_tensors
+from rewriter.passes._exit_graph import exit_conditions, probe_model
+from rewriter.passes._exit_heads import choose_thresholds, route, threshold_for
+from rewriter.registry import available_passes
+from tests.helpers import CALIB, SAMPLES, conv_model, make_model, run_ort, tensor, value
+
+
+def _residual_model() -> onnx.ModelProto:
+    """x -> conv a -> relu r -> (conv b -> relu c) + r -> s -> conv d -> y."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("Conv", ["r", "wb"], ["b"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["b"], ["c"]),
+        helper.make_node("Add", ["c", "r"], ["s"]),
+        helper.make_node("Conv", ["s", "wd"], ["y"]),
+    ]
+    inits = [tensor(n, rng.normal(size=(4, 4 if n != "wa" else 1, 3, 3))) for n in ("wa", "wb", "wd")]
+    return make_model(nodes, [value("x", [1, 1, 6, 6])], [value("y", [1, 4, 4, 4])], inits)
+
+
+def test_cut_tensors_skip_residual_branches():
+    assert cut_tensors(_residual_model()) == ["x", "a", "r", "s", "y"]
+
+
+def test_threshold_is_the_lowest_that_keeps_agreement_with_one_error_to_spare():
+    conf = np.array([0.99, 0.98, 0.97, 0.96, 0.95, 0.5, 0.4])
+    agree = np.array([True, True, True, True, True, False, True])
+    threshold, count = threshold_for(conf, agree, 0.8)  # 5 of 6 (one error to spare) >= 0.8
+    assert count == 5 and 0.5 < threshold < 0.95
+    threshold, count = threshold_for(conf, agree, 1.0)  # unreachable with a spare error: nobody exits
+    assert count == 0 and threshold > conf.max()
+
+
+def test_later_exits_see_only_the_samples_that_did_not_leave():
+    first = np.array([0.9, 0.9, 0.1, 0.1])
+    second = np.array([0.1, 0.1, 0.9, 0.9])
+    agree_first, agree_second = np.array([True, True, False, False]), np.ones(4, dtype=bool)
+    thresholds = choose_thresholds([first, second], [agree_first, agree_second], 0.5)
+    stats = route([first, second], [agree_first, agree_second], thresholds)
+    assert list(stats.exits) == [0, 0, 1, 1] and stats.agree.all()
+
+
+@pytest.fixture(scope="module")
+def resnet_exit():
+    return rewrite(SAMPLES / "digits_resnet.onnx", passes=["exit"], calib=CALIB, seed=0)
+
+
+def _held_out(result, count=None):
+    data = np.load(CALIB)
+    order = np.random.default_rng(0).permutation(len(data["input"]))  # the API's split with seed 0
+    held = np.sort(order[: result.report["calibration"]["held_out_samples"]])
+    return data["input"][held][:count]
+
+
+def test_resnet_sample_exits_early_and_agrees_on_unseen_digits(resnet_exit):
+    notes = resnet_exit.report["passes"][0]["notes"]
+    assert len(notes["exits"]) >= 2
+    assert len(exit_conditions(resnet_exit.model)) == len(notes["exits"])  # nested If nodes, one per exit
+    assert resnet_exit.report["fidelity"]["top1_agreement"] >= 0.99  # held-out digits the pass never saw
+    probe, _ = probe_model(resnet_exit.model)
+    costs = [e["macs"] for e in notes["exits"]] + [notes["full_macs"]]
+    taken = [_exit_taken(run_ort(probe, {"input": x[None]})) for x in _held_out(resnet_exit)]
+    expected = float(np.mean([costs[k] for k in taken]))
+    assert expected <= 0.6 * resnet_exit.report["input"]["macs"]
+    assert len(set(taken)) >= 2
+
+
+def _exit_taken(conditions: list[np.ndarray]) -> int:
+    return next((k for k, c in enumerate(conditions) if bool(c)), len(conditions))
+
+
+def test_early_answers_come_from_heads_and_the_rest_from_the_full_model(resnet_exit):
+    original = onnx.load(SAMPLES / "digits_resnet.onnx")
+    probe, _ = probe_model(resnet_exit.model)
+    samples = _held_out(resnet_exit, 40)
+    early = full = 0
+    for x in samples:
+        feed = {"input": x[None]}
+        new, old = run_ort(resnet_exit.model, feed)[0], run_ort(original, feed)[0]
+        if _exit_taken(run_ort(probe, feed)) < len(resnet_exit.report["passes"][0]["notes"]["exits"]):
+            early += 1
+            assert not np.allclose(new, old)
+        else:
+            full += 1
+            np.testing.assert_allclose(new, old, rtol=1e-5, atol=1e-5)
+    assert early > 0
+
+
+def test_a_batch_answers_like_its_samples_one_by_one(resnet_exit):
+    assert resnet_exit.report["interface"]["restored"] == {"input[0]": "N"}
+    samples = _held_out(resnet_exit, 12)
+    batched = run_ort(resnet_exit.model, {"input": samples})[0]
+    single = np.concatenate([run_ort(resnet_exit.model, {"input": x[None]})[0] for x in samples])
+    np.testing.assert_allclose(batched, single, rtol=1e-5, atol=1e-5)
+
+
+def test_non_classifier_is_refused_with_exit_3_and_nothing_written(tmp_path, capsys):
+    path = tmp_path / "conv.onnx"
+    onnx.save(conv_model(), path)
+    out = tmp_path / "out"
+    code = main([str(path), "--passes", "exit", "--calib", "synthetic", "-o", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 3
+    assert len(err.splitlines()) == 1 and "classifier" in err
+    assert not out.exists()
+
+
+def test_exit_composes_after_another_pass(tmp_path):
+    first = "prune" if "prune" in available_passes() else "svd"
+    result = rewrite(SAMPLES / "digits_resnet.onnx", passes=[first, "exit"], calib=CALIB, seed=0)
+    records = result.report["passes"]
+    assert [r["name"] for r in records] == [first, "exit"]
+    assert records[1]["notes"]["exits"] and exit_conditions(result.model)
+    assert result.report["fidelity"]["top1_agreement"] >= 0.95
