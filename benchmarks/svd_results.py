@@ -24,6 +24,15 @@ def _fmt(fid: dict, key: str) -> str:
     return f"{fid[key]:.3f}" if key in fid else "–"
 
 
+def _axes(fid: dict) -> str:
+    """Which axis fidelity was read along, per output, and whether it holds class scores."""
+    parts = []
+    for figures in fid["outputs"].values():
+        layout = figures["layout"]
+        parts.append(f"axis {layout['feature_axis']}" + (f" ({layout['scores']} scores)" if layout["scores"] else ""))
+    return "; ".join(parts)
+
+
 def _row(name: str, path: Path, calib: Path, options: dict, timing: bool) -> list:
     result = rewrite(path, passes=["svd"], calib=calib, options={"svd": options})
     report, fid = result.report, result.report["fidelity"]
@@ -31,7 +40,8 @@ def _row(name: str, path: Path, calib: Path, options: dict, timing: bool) -> lis
     row = [name, ", ".join(f"{k}={v}" for k, v in options.items()),
            f"{report['output']['macs'] / report['input']['macs']:.2f}",
            f"{report['output']['bytes'] / report['input']['bytes']:.2f}",
-           _fmt(fid, "top1_agreement"), f"{fid['cosine']:.3f}", f"{fid['channel_cosine_min']:.3f}", accuracy]
+           _fmt(fid, "top1_agreement"), f"{fid['cosine']:.3f}", f"{fid['channel_cosine_min']:.3f}", accuracy,
+           f"{fid['drop']:.3f}", _axes(fid)]
     if timing:
         with np.load(calib) as data:
             feed = {k: data[k][:1] for k in data.files if k != "labels"}
@@ -57,7 +67,7 @@ def main() -> None:
             for options in REAL_CONFIGS:
                 rows.append(_row(name, path, real_calib, options, timing))
     header = ["model", "svd options", "MACs ×", "bytes ×", "top-1 agree", "cosine", "worst channel cos",
-              "accuracy"] + (["ORT ms (2 threads)"] if timing else [])
+              "accuracy", "drop", "read along"] + (["ORT ms (2 threads)"] if timing else [])
     print(table(header, rows))
 
 

@@ -164,14 +164,6 @@ def replace_node(model: onnx.ModelProto, old: onnx.NodeProto, new: list[onnx.Nod
     model.graph.node.extend(nodes)
 
 
-def drop_unused_initializers(model: onnx.ModelProto) -> None:
-    used = {name for node in model.graph.node for name in node.input}
-    used.update(o.name for o in model.graph.output)
-    keep = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-
-
 def live_node(model: onnx.ModelProto, output: str) -> onnx.NodeProto:
     """The graph's current node producing `output` (edits re-create the node list)."""
     return next(n for n in model.graph.node if output in n.output)

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from rewriter.errors import UsageError
-from rewriter.graph import GraphView
+from rewriter.graph import GraphView, drop_unused_initializers
 from rewriter.layers import conv2d_geometry, conv_patches
 from rewriter.metrics import count_macs
 from rewriter.pass_api import PassContext, PassResult
@@ -39,7 +39,6 @@ from ._svd_layers import (
     Layer,
     add_initializer,
     copy_model,
-    drop_unused_initializers,
     factor_weights,
     find_layer,
     independent_waves,
@@ -125,6 +124,10 @@ class SvdPass:
                     layers.append(found)
                 else:
                     skipped[node.name or node.output[0]] = found
+        names = {n.name for n in model.graph.node} | {o for n in model.graph.node for o in n.output}
+        missing = sorted(self.skip - names)
+        if missing:
+            raise UsageError(f"svd.skip names no node of the model: {', '.join(missing)}")
         ratio = self.rank_ratio
         if "macs" in ctx.budget:
             ratio = self._ratio_for_budget(model, layers, ctx.budget["macs"])
@@ -146,6 +149,8 @@ class SvdPass:
         drop_unused_initializers(model)
         mode = ("sequential " if self.sequential else "") + "data-aware" if self.data_aware else "weight"
         notes = {"mode": mode, "rank_ratio": ratio, **_error_summary(details), "layers": details, "skipped": skipped}
+        if ratio != self.rank_ratio:
+            notes["effective_options"] = {"rank_ratio": ratio}  # --budget chose it
         return PassResult(model, changed, notes)
 
     def _refit_spatial(

@@ -20,12 +20,13 @@ from .canonical import canonicalize, graph_inputs, resolve_input_shapes
 from .errors import UsageError
 from .interface import ensure_runs, restore_dynamic_dims
 from .layouts import parse_output_axis
-from .loading import load_model, save_model, serialize
+from .loading import external_data_files, load_model, save_model, serialize
 from .output import check_out_dir, staged_dir
 from .pass_api import PassContext
-from .pipeline import Reference, checked, run_passes
+from .pipeline import Reference, checked, run_passes, warn_collapse
 from .progress import log
 from .registry import make_pass, resolve_options
+from .settings import check_input_shapes, check_options, check_run_settings, pass_names
 
 # The package that lowers models through TVM; the core reaches it by name only.
 TARGETS_PACKAGE = "rewriter.targets"
@@ -96,14 +97,22 @@ def rewrite(
 ) -> RewriteResult:
     """Canonicalise, run the passes with their checks, and (with out_dir) write model, artifact, report."""
     start = time.perf_counter()
+    if not isinstance(model, str | Path | onnx.ModelProto):
+        raise UsageError(f"model must be a path or an onnx.ModelProto, got {type(model).__name__}")
+    check_run_settings(target=target, calib=calib, out_dir=out_dir, max_drop=max_drop, seed=seed, holdout=holdout,
+                       force=force, tune_trials=tune_trials, tuning_db=tuning_db, bench=bench)
+    passes, options = pass_names(passes), check_options(options)
+    input_shapes = check_input_shapes(input_shapes)
     path = None if isinstance(model, onnx.ModelProto) else Path(model)
     if out_dir is not None:
-        check_out_dir(Path(out_dir), force)
+        check_out_dir(Path(out_dir), force, [path] if path is not None else [])
     spec = _targets().resolve_target(target)
-    plan = _plan(list(passes), options or {})
+    plan = _plan(passes, options)
     budget = check_budget(budget)
     output_axes = check_output_axes(output_axes)
     original = load_model(path) if path is not None else model
+    if out_dir is not None and path is not None:
+        check_out_dir(Path(out_dir), force, [path, *external_data_files(path)])
     data = _load_calib(calib, original, input_shapes, seed)
     if max_drop is not None and data is None:
         raise UsageError("--max-drop needs calibration data to measure fidelity (--calib)")
@@ -124,6 +133,8 @@ def rewrite(
                                                for n, lay in reference.layouts.items()))
     ctx = PassContext(fit=fit, seed=seed, budget=budget)
     final, records = run_passes(base, plan, ctx, reference, max_drop)
+    if max_drop is None and records:
+        warn_collapse(records[-1]["fidelity"])
 
     feeds = _check_feeds(reference, shapes, original, seed)
     written, interface = restore_dynamic_dims(original, final, feeds)
@@ -198,6 +209,9 @@ def check_output_axes(given: Mapping[str, int | str] | None) -> dict[str, tuple[
 
 
 def check_budget(budget: Mapping[str, float] | None) -> dict[str, float]:
+    if budget is not None and (not isinstance(budget, Mapping) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in budget.values())):
+        raise UsageError(f"budget must map macs to a number, got {budget!r}")
     budget = dict(budget or {})
     unknown = sorted(set(budget) - {"macs"})
     if unknown:

@@ -50,8 +50,12 @@ def _input_dtypes(model: onnx.ModelProto) -> dict[str, np.dtype]:
 def load_calibration(path: str | Path, model: onnx.ModelProto) -> Calibration:
     """Read FILE.npz (no pickle), check it against the model's inputs, cast to their dtypes."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"calibration path {path} is a directory, not an .npz file")
     if not path.is_file():
         raise UsageError(f"calibration file not found: {path}")
+    if not zipfile.is_zipfile(path):  # .npy, random bytes, pickles: np.load would read them another way
+        raise UsageError(f"{path} is not an .npz file (np.savez output: one array per model input)")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
@@ -73,6 +77,8 @@ def check_arrays(
         raise UsageError(
             f"calibration arrays {sorted(arrays)} do not match the model's inputs {sorted(dtypes)}"
         )
+    for name, array in arrays.items():
+        _check_values(name, array)
     counts = {len(a) if a.ndim else 0 for a in arrays.values()}
     if len(counts) != 1 or 0 in counts:
         raise UsageError("calibration arrays must all have the same, non-zero number of samples")
@@ -80,8 +86,22 @@ def check_arrays(
         _check_sample_shape(value.name, declared_shape(value), arrays[value.name].shape)
     if labels is not None and (labels.ndim != 1 or len(labels) != counts.pop()):
         raise UsageError("calibration 'labels' must be 1-D with one label per sample")
+    if labels is not None and (labels.dtype.kind not in "iub" and not (
+            labels.dtype.kind == "f" and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels)))
+            or (labels.size and labels.min() < 0)):
+        raise UsageError("calibration 'labels' must be non-negative integer class indices")
     cast = {k: np.ascontiguousarray(v, dtype=dtypes[k]) for k, v in arrays.items()}
     return Calibration(cast, None if labels is None else labels.astype(np.int64), source)
+
+
+def _check_values(name: str, array: np.ndarray) -> None:
+    """Numbers only, all finite: one NaN in the calibration makes every fitted weight NaN."""
+    if array.dtype.kind not in "biuf":
+        raise UsageError(f"calibration array {name!r} has dtype {array.dtype}; only real numbers are accepted")
+    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+        index = np.unravel_index(int(np.argmin(np.isfinite(array))), array.shape)
+        raise UsageError(f"calibration array {name!r} holds a non-finite value ({array[index]}) at index "
+                         f"{list(map(int, index))}")
 
 
 def _check_sample_shape(name: str, declared: list[int | str], shape: tuple[int, ...]) -> None:

@@ -10,18 +10,9 @@ import onnxruntime as ort
 
 from .calib import Calibration
 from .errors import ModelError
+from .graph import node_reads
 from .loading import serialize
 from .progress import progress
-
-
-def _node_inputs(node: onnx.NodeProto) -> set[str]:
-    """A node's inputs, including outer-scope tensors its subgraphs (If branches) read."""
-    names = {n for n in node.input if n}
-    for attr in node.attribute:
-        for graph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-            for inner in graph.node:
-                names |= _node_inputs(inner)
-    return names
 
 
 def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -32,8 +23,8 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPro
         index = producers[stack.pop()]
         if index not in needed:
             needed.add(index)
-            stack.extend(n for n in _node_inputs(model.graph.node[index]) if n in producers)
-    used = set(names).union(*(_node_inputs(model.graph.node[i]) for i in needed))
+            stack.extend(n for n in node_reads(model.graph.node[index]) if n in producers)
+    used = set(names).union(*(node_reads(model.graph.node[i]) for i in needed))
     known = {v.name: v for v in [*model.graph.value_info, *model.graph.output, *model.graph.input]}
     graph = onnx.helper.make_graph(
         [model.graph.node[i] for i in sorted(needed)],

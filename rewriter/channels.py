@@ -165,13 +165,13 @@ def _reads_subgraph(node: onnx.NodeProto) -> bool:
     return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
 
 
-def _subgraph_names(node: onnx.NodeProto) -> set[str]:
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
     names: set[str] = set()
     for attr in node.attribute:
         for graph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
             for inner in graph.node:
                 names.update(inner.input)
-                names |= _subgraph_names(inner)
+                names |= subgraph_reads(inner)
     return names
 
 
@@ -204,7 +204,7 @@ def _dim(cg: ChannelGraph, name: str, axis: int) -> int | None:
 def _unknown(cg: ChannelGraph, node: onnx.NodeProto) -> None:
     why = f"{node.op_type} {node_label(node)} is not understood"
     _block_inputs(cg, node, why)
-    for name in _subgraph_names(node):
+    for name in subgraph_reads(node):
         _block_tensor(cg, name, why)
 
 

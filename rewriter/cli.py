@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tomllib
 import traceback
@@ -103,6 +104,9 @@ def _read_config(path: str | None) -> dict[str, Any]:
 def _merged(args: argparse.Namespace) -> dict[str, Any]:
     """Flags over the TOML config over built-in defaults."""
     config = _read_config(args.config)
+    for key in ("options", "input_shapes", "output_axes", "budget"):
+        if key in config and not isinstance(config[key], dict):
+            raise UsageError(f"{key} in {args.config} must be a table, got {config[key]!r}")
     known = {"passes", "target", "out_dir", "calib", "options", "input_shapes", "max_drop", "holdout", "seed",
              "tune_trials", "tuning_db", "force", "bench", "budget", "output_axes"}
     unknown = sorted(set(config) - known)
@@ -142,16 +146,25 @@ def _unsupported(args: argparse.Namespace) -> None:
         raise UsageError("--rpc/--device-key remote measurement is not supported yet")
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is so that every cleanup (staging folder, made parents) runs."""
+
+
+def _terminate(signum, frame) -> NoReturn:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     set_quiet(args.quiet)
     try:
         _unsupported(args)
         settings = _merged(args)
-        unknown = [p for p in settings["passes"] if p not in available_passes()]
-        if unknown:
-            raise UsageError(f"unknown pass {unknown[0]!r}; available: {', '.join(available_passes())}")
-        result = rewrite(args.model, **settings)
+        previous = signal.signal(signal.SIGTERM, _terminate)
+        try:
+            result = rewrite(args.model, **settings)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     except RewriterError as exc:
         if args.debug:
             traceback.print_exc()
@@ -160,6 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rewrite: interrupted; nothing written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("rewrite: terminated; nothing written", file=sys.stderr)
+        return 143
     except Exception as exc:  # an internal bug: still one line unless --debug
         if args.debug:
             traceback.print_exc()

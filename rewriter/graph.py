@@ -73,6 +73,25 @@ class GraphView:
         return any(o.name == name for o in self.graph.output)
 
 
+def node_reads(node: onnx.NodeProto) -> set[str]:
+    """A node's inputs, including the outer-scope tensors its subgraphs (If/Loop/Scan bodies) read."""
+    names = {n for n in node.input if n}
+    for attr in node.attribute:
+        for graph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            for inner in graph.node:
+                names |= node_reads(inner)
+    return names
+
+
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Remove initializers no node reads; reads from inside subgraphs count (an If branch's weights stay)."""
+    used = set().union(*(node_reads(node) for node in model.graph.node))
+    used.update(o.name for o in model.graph.output)
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
 def attributes(node: onnx.NodeProto) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 

@@ -71,6 +71,9 @@ def infer_layouts(
     view = GraphView(model)
     layouts = {}
     label_output = _label_output(names, samples, labels)
+    if labels is not None and len(labels) and label_output is None:
+        raise UsageError(f"calibration labels go up to {int(np.max(labels))} but no output has one row of that "
+                         "many class scores per sample")
     for name in names:
         shape = samples[name][0].shape
         if name in given:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
@@ -35,9 +36,34 @@ def _check_external_location(tensor: onnx.TensorProto, base: Path) -> None:
         raise ModelError(f"external data file {location!r} for tensor {tensor.name!r} is missing")
 
 
+def _check_external_sizes(model: onnx.ModelProto, path: Path) -> None:
+    """External data shorter than its tensor's declared shape reads as a truncated array: refuse it."""
+    for tensor in external_data_helper._get_all_tensors(model):
+        if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED) or not tensor.HasField("raw_data"):
+            continue
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        expected = int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+        if len(tensor.raw_data) != expected:
+            raise ModelError(f"external data for tensor {tensor.name!r} of {path.name} holds {len(tensor.raw_data)} "
+                             f"bytes, its shape {list(tensor.dims)} needs {expected}")
+
+
+def external_data_files(path: str | os.PathLike) -> list[Path]:
+    """The files a model's external data lives in (an output folder must never hold them)."""
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - load_model reports unreadable files with the right message
+        return []
+    locations = {external_data_helper.ExternalDataInfo(t).location for t in _external_tensors(model)}
+    return [path.parent / loc for loc in sorted(locations) if loc]
+
+
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Load an ONNX file; external data only from files inside the model's own folder."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelError(f"{path} is a directory, not an ONNX model file")
     if not path.is_file():
         raise ModelError(f"model file not found: {path}")
     try:
@@ -50,8 +76,14 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     base = path.parent
     for tensor in external:
         _check_external_location(tensor, base)
+        if (base / external_data_helper.ExternalDataInfo(tensor).location).resolve() == path.resolve():
+            raise ModelError(f"external data for tensor {tensor.name!r} points at the model file itself")
     if external:
-        external_data_helper.load_external_data_for_model(model, str(base))
+        try:
+            external_data_helper.load_external_data_for_model(model, str(base))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"external data of {path.name} cannot be read: {_first_line(exc)}") from exc
+        _check_external_sizes(model, path)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from onnx import TensorProto, numpy_helper
 
 from . import capture, fidelity, metrics
 from .calib import Calibration
@@ -15,6 +17,9 @@ from .errors import GuardrailError, ModelError
 from .layouts import OutputLayout, infer_layouts
 from .pass_api import Pass, PassContext
 from .progress import log
+
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+COLLAPSE = 0.5  # a drop this large is reported even when no --max-drop was asked for
 
 
 @dataclass
@@ -52,6 +57,22 @@ def checked(model: onnx.ModelProto, who: str) -> onnx.ModelProto:
     return model
 
 
+def _check_finite(model: onnx.ModelProto, name: str) -> None:
+    """A pass that writes NaN or Inf weights has failed, whatever its fidelity says."""
+    for tensor in model.graph.initializer:
+        if tensor.data_type in FLOAT_TYPES:
+            values = numpy_helper.to_array(tensor)
+            if not np.all(np.isfinite(values)):
+                raise ModelError(f"pass {name!r} produced non-finite weights in {tensor.name!r}")
+
+
+def warn_collapse(fid: dict | None) -> None:
+    """Without --max-drop nothing refuses a wrecked model; say so even under --quiet."""
+    if fid is not None and fid["drop"] >= COLLAPSE:
+        print(f"rewrite: warning: fidelity collapsed (drop {fid['drop']:.3f}, sample cosine {fid['cosine']:.3f}); "
+              "set --max-drop to refuse such results", file=sys.stderr, flush=True)
+
+
 def _guard(name: str, fid: dict | None, max_drop: float | None) -> None:
     if max_drop is None or fid is None or fid["drop"] <= max_drop:
         return
@@ -80,11 +101,14 @@ def run_passes(
         start = time.perf_counter()
         macs_before, bytes_before = metrics.count_macs(model), metrics.count_bytes(model)
         result = rewrite.run(model, ctx)
+        _check_finite(result.model, name)
         new = checked(result.model, f"pass {name!r}")
         fid = reference.measure(new, desc=f"fidelity after {name}") if reference else None
+        effective = result.notes.pop("effective_options", None)  # e.g. a ratio --budget chose
         record = {
             "name": name,
-            "options": options,
+            "options": {**options, **(effective or {})},
+            **({"options_given": options} if effective else {}),
             "changed": list(result.changed),
             "macs_before": macs_before,
             "macs_after": metrics.count_macs(new),

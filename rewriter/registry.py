@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any
@@ -65,9 +66,30 @@ def pass_options(name: str) -> dict[str, Any]:
     return {k: p.default for k, p in params.items() if k != "self" and p.kind == p.KEYWORD_ONLY}
 
 
+def _typed(pass_name: str, key: str, value: Any, default: Any) -> Any:
+    """A value given typed (TOML, Python) must already have the option's type: true is not 1.0."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float) or default is None:
+        ok = value is None or (number and math.isfinite(value))
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        expected = "a number" if default is None else type(default).__name__
+        raise UsageError(f"option {pass_name}.{key} must be {expected}, got {value!r}")
+    return value
+
+
 def _coerce(pass_name: str, key: str, value: Any, default: Any) -> Any:
-    if not isinstance(value, str) or isinstance(default, str):
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise UsageError(f"option {pass_name}.{key} must be a string, got {value!r}")
         return value
+    if not isinstance(value, str):
+        return _typed(pass_name, key, value, default)
     text = value.strip()
     try:
         if isinstance(default, bool):
@@ -77,7 +99,10 @@ def _coerce(pass_name: str, key: str, value: Any, default: Any) -> Any:
         if isinstance(default, int):
             return int(text)
         if isinstance(default, float) or default is None:
-            return float(text) if text.lower() not in {"none", ""} else None
+            number = float(text) if text.lower() not in {"none", ""} else None
+            if number is not None and not math.isfinite(number):
+                raise ValueError(text)
+            return number
     except ValueError:
         raise UsageError(f"option {pass_name}.{key}={value!r} is not a valid {type(default).__name__}") from None
     return value
