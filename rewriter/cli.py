@@ -1,4 +1,4 @@
-"""The `rewrite` command line (DESIGN.md's contract: flags, outputs, exit codes)."""
+"""The `rewrite` command line (its contract: flags, outputs, exit codes)."""
 
 from __future__ import annotations
 

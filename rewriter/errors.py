@@ -1,4 +1,4 @@
-"""Errors that map to the CLI's exit codes (DESIGN.md: 2 usage, 3 model, 4 guardrail)."""
+"""Errors that map to the CLI's exit codes (2 usage, 3 model, 4 guardrail)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 `libtvm_runtime_cuda.so` links against libcuda.so.1. Without it TVM's cuda runtime does not
 load and codegen keeps only CUDA C source, compiled at load time. With these stubs the
-runtime loads, so codegen calls nvcc at build time and embeds a cubin (TVM_COOKBOOK.md 2).
+runtime loads, so codegen calls nvcc at build time and embeds a cubin.
 The stubs are never called to run anything: the build only compiles and serializes.
 The library is built from this source with the host C compiler into a private cache dir.
 """

@@ -18,7 +18,7 @@ import onnx
 
 from rewriter.canonical import graph_inputs
 from rewriter.errors import ModelError, RewriterError, UsageError
-from rewriter.targets import cuda_offline, tuning
+from rewriter.targets import control_flow, cuda_offline, tuning
 from rewriter.targets.presets import TargetSpec, describe, export_compiler, make_tvm_target, one_line
 
 Log = Callable[[str], None]
@@ -54,7 +54,7 @@ def build_artifact(
     out = Path(out_path)
     if cuda_offline.needs_child(spec):
         # No GPU driver here: compile in a child process against a stub libcuda so the
-        # artifact embeds a cubin, not CUDA C source (DESIGN.md contract).
+        # artifact embeds a cubin, not CUDA C source (the artifact contract).
         cuda_offline.build_in_child(model, spec, out, tuning_db, log)
         used_db = tuning.has_records(tuning_db)
     else:
@@ -111,6 +111,9 @@ def import_onnx(model: onnx.ModelProto) -> Any:
     from tvm.relax.frontend.onnx import from_onnx
 
     shapes, dtypes = static_inputs(model)
+    if control_flow.has_control_flow(model):  # If nodes stay relax.If, around segments that fuse on their own
+        return _guard("TVM cannot import the model",
+                      lambda: control_flow.import_with_control_flow(model, shapes, dtypes))
     return _guard("TVM cannot import the model", lambda: from_onnx(model, shape_dict=shapes, dtype_dict=dtypes))
 
 

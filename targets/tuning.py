@@ -1,7 +1,7 @@
 """MetaSchedule tuning: tune the fused PrimFuncs into a JSON database, or reuse an existing one.
 
 Needs the extra dependencies psutil and xgboost (apache-tvm's `meta-schedule` extra) and
-apache-tvm-ffi 0.1.14.x: 0.1.15.x segfaults while saving tuning records (TVM_COOKBOOK.md section 0).
+apache-tvm-ffi 0.1.14.x: 0.1.15.x segfaults while saving tuning records.
 """
 
 from __future__ import annotations

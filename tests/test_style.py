@@ -1,4 +1,4 @@
-"""The code stays ruff-clean (DESIGN.md's conventions)."""
+"""The code stays ruff-clean (the project's conventions)."""
 
 from __future__ import annotations
 
