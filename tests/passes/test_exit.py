@@ -118,10 +118,40 @@ def test_non_classifier_is_refused_with_exit_3_and_nothing_written(tmp_path, cap
     assert not out.exists()
 
 
-def test_exit_composes_after_another_pass(tmp_path):
+@pytest.mark.slow
+def test_exit_composes_after_another_pass():
     first = "prune" if "prune" in available_passes() else "svd"
     result = rewrite(SAMPLES / "digits_resnet.onnx", passes=[first, "exit"], calib=CALIB, seed=0)
     records = result.report["passes"]
     assert [r["name"] for r in records] == [first, "exit"]
     assert records[1]["notes"]["exits"] and exit_conditions(result.model)
     assert result.report["fidelity"]["top1_agreement"] >= 0.95
+
+
+def test_x86_library_keeps_control_flow_and_matches_onnxruntime(resnet_exit, tmp_path):
+    pytest.importorskip("tvm")
+    from tvm import relax, runtime
+
+    from rewriter.targets import build_artifact, resolve_target
+    from rewriter.targets.lower import import_onnx
+
+    static = onnx.ModelProto()
+    static.CopyFrom(resnet_exit.model)
+    for info in (static.graph.input[0], static.graph.output[0]):
+        info.type.tensor_type.shape.dim[0].dim_value = 1  # the library is built at batch 1
+    library = tmp_path / "model.x86.so"
+    build_artifact(static, resolve_target("x86"), library)
+    vm = relax.VirtualMachine(runtime.load_module(str(library)), runtime.cpu())
+    assert import_onnx(static)["main"].script().count("if ") == len(exit_conditions(static))  # relax.If kept
+    probe, _ = probe_model(resnet_exit.model)
+    seen = set()
+    for x in _held_out(resnet_exit):
+        feed = {"input": x[None]}
+        taken = _exit_taken(run_ort(probe, feed))
+        if taken in seen:
+            continue
+        seen.add(taken)
+        got = vm["main"](runtime.tensor(x[None])).numpy()
+        np.testing.assert_allclose(got, run_ort(resnet_exit.model, feed)[0], rtol=1e-4, atol=1e-4)
+    exits = len(resnet_exit.report["passes"][0]["notes"]["exits"])
+    assert 0 in seen and exits in seen  # a sample that leaves at the first exit and one that runs the whole model
