@@ -1,5 +1,5 @@
 """Built-in passes. Importing this package registers them (the project's only import-for-registration)."""
 
-from . import exit, svd
+from . import exit, pq, prune, svd
 
-__all__ = ["exit", "svd"]
+__all__ = ["exit", "pq", "prune", "svd"]

@@ -1,0 +1,374 @@
+"""Graph side of the weight-code passes (pq, binary): which layers carry a codable weight, the input
+statistics their fits need (captured through the core's PassContext), and the standard-op decoding
+subgraphs that rebuild the dense weight in the graph."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from rewriter.graph import GraphView, attributes, unique_name
+from rewriter.layers import Conv2d, conv2d_geometry, conv_patches, rows
+from rewriter.pass_api import PassContext
+
+# Above this input width a K x K moment matrix would take too much memory and time.
+MAX_MOMENT_DIM = 4608
+ROWS_PER_INPUT, MIN_ROWS = 64, 16384
+FLUSH_ROWS = 8192
+FLOATS = (np.float16, np.float32, np.float64)
+
+
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def add_initializer(model: onnx.ModelProto, base: str, value: np.ndarray, dtype: np.dtype) -> str:
+    name = unique_name(model, base)
+    model.graph.initializer.append(numpy_helper.from_array(np.asarray(value).astype(dtype), name))
+    return name
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """A node's inputs, including outer-scope tensors its subgraphs read."""
+    names = {n for n in node.input if n}
+    for attr in node.attribute:
+        for graph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            for inner in graph.node:
+                names |= _reads(inner)
+    return names
+
+
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
+    used = set().union(*(_reads(node) for node in model.graph.node))
+    used.update(o.name for o in model.graph.output)
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+@dataclass
+class WeightLayer:
+    """A Conv/Gemm/MatMul whose weight is a constant, seen as an output-major matrix M (N x K per group).
+
+    kind: "conv" (weight N, C/g, kh, kw), "rows" (Gemm transB=1, weight N x K) or "cols" (weight K x N)."""
+
+    node: onnx.NodeProto
+    kind: str
+    weight: np.ndarray
+    conv: Conv2d | None = None
+    group: int = 1
+
+    @property
+    def label(self) -> str:
+        return self.node.name or f"{self.node.op_type}:{self.node.output[0]}"
+
+    @property
+    def matrix(self) -> np.ndarray:
+        w = self.weight.astype(np.float64)
+        return w.T if self.kind == "cols" else w.reshape(w.shape[0], -1)
+
+    @property
+    def spatial(self) -> int:
+        """kh * kw for a Conv (1 for Gemm/MatMul)."""
+        return math.prod(self.conv.kernel) if self.conv is not None else 1
+
+    @property
+    def full_width(self) -> int:
+        """Width of the layer's input rows (all groups' patch columns)."""
+        return self.matrix.shape[1] * self.group
+
+    def input_rows(self, x: np.ndarray) -> np.ndarray:
+        return conv_patches(x, self.conv) if self.conv is not None else rows(x)
+
+
+def find_weight_layer(view: GraphView, node: onnx.NodeProto) -> WeightLayer | str:
+    """The node as a WeightLayer, or the reason it is left alone."""
+    if len(node.input) < 2 or not view.is_initializer(node.input[1]):
+        return "weight is not a constant"
+    if view.is_initializer(node.input[0]):
+        return "the data input is a constant"
+    weight = view.constant(node.input[1])
+    if weight.dtype.type not in FLOATS:
+        return f"weight dtype {weight.dtype} is not float"
+    if len(view.consumers(node.input[1])) > 1:
+        return "weight shared with another node"
+    attrs = attributes(node)
+    if node.op_type == "Gemm":
+        if attrs.get("transA", 0):
+            return "Gemm with transA=1"
+        return WeightLayer(node, "rows" if attrs.get("transB", 0) else "cols", weight)
+    if node.op_type == "MatMul":
+        return WeightLayer(node, "cols", weight) if weight.ndim == 2 else "batched MatMul weight"
+    conv = conv2d_geometry(node, list(weight.shape))
+    if conv is None:
+        return "only 2-D Conv with explicit padding"
+    return WeightLayer(node, "conv", weight, conv, conv.group)
+
+
+def independent_waves(model: onnx.ModelProto, layers: list[WeightLayer]) -> list[list[WeightLayer]]:
+    """Layers grouped by depth among layers: no layer of a group feeds another, so one capture serves a
+    group, and every group sees the rewrites of the groups before it."""
+    graph = nx.DiGraph()
+    producers = {out: node.output[0] for node in model.graph.node for out in node.output if out}
+    for node in model.graph.node:
+        graph.add_node(node.output[0])
+        graph.add_edges_from((producers[n], node.output[0]) for n in _reads(node) if n in producers)
+    keys = {layer.node.output[0]: layer for layer in layers}
+    depth: dict[str, int] = {}
+    for key in nx.topological_sort(graph):
+        if key in keys:
+            depth[key] = 1 + max((depth[a] for a in nx.ancestors(graph, key) if a in keys), default=-1)
+    waves: dict[int, list[WeightLayer]] = {}
+    for key, layer in keys.items():
+        waves.setdefault(depth[key], []).append(layer)
+    return [waves[d] for d in sorted(waves)]
+
+
+def boundary_layers(view: GraphView, layers: list[WeightLayer]) -> set[str]:
+    """Labels of the first and last weighted layers: those a graph input reaches, or that reach a graph
+    output, without crossing another weighted layer."""
+    weighted = {n.op_type for n in view.graph.node if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose")}
+    reached = _reach(view, [v.name for v in view.graph.input], forward=True, stop=weighted)
+    outputs = [o.name for o in view.graph.output]
+    feeding = _reach(view, outputs, forward=False, stop=weighted)
+    return {la.label for la in layers if la.node.input[0] in reached or la.node.output[0] in feeding}
+
+
+def _reach(view: GraphView, start: list[str], forward: bool, stop: set[str]) -> set[str]:
+    """Tensor names reachable from `start` through nodes whose op is not in `stop`."""
+    seen, stack = set(), list(start)
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        nodes = view.consumers(name) if forward else [p for p in [view.producer(name)] if p is not None]
+        for node in nodes:
+            if node.op_type not in stop:
+                stack.extend(node.output if forward else [i for i in node.input if i])
+    return seen
+
+
+@dataclass
+class InputStats:
+    """A layer's input statistics: x from the original model, x' from the model rewritten so far.
+
+    Full moments (new = X'^T X', cross = X'^T X, old = X^T X) when the layer is dense and narrow enough,
+    else only per-block Grams of x' (B, d, d)."""
+
+    new: np.ndarray | None = None
+    cross: np.ndarray | None = None
+    old: np.ndarray | None = None
+    blocks: np.ndarray | None = None
+    count: int = 0
+    pending: list = field(default_factory=list)  # (x, x', same) rows not yet folded in: few large products
+    pending_rows: int = 0
+
+    @property
+    def full(self) -> bool:
+        return self.new is not None
+
+
+def rows_needed(width: int) -> int:
+    return max(ROWS_PER_INPUT * width, MIN_ROWS)
+
+
+def wants_full(layer: WeightLayer) -> bool:
+    return layer.group == 1 and layer.full_width <= MAX_MOMENT_DIM
+
+
+def capture_stats(
+    ctx: PassContext,
+    original: onnx.ModelProto,
+    current: onnx.ModelProto,
+    wave: list[WeightLayer],
+    block: dict[str, int],
+    desc: str,
+) -> dict[str, InputStats]:
+    """Input statistics of every layer of a wave (no layer feeds another), over the fit samples streamed
+    through the original and the rewritten model side by side, until each has enough rows.
+
+    `block` gives, for layers without full moments, the sub-vector size of their per-block Grams."""
+    stats = {la.label: _empty_stats(la, block.get(la.label)) for la in wave}
+    stats = {k: v for k, v in stats.items() if v is not None}
+    live = [la for la in wave if la.label in stats]
+    if not live:
+        return {}
+
+    def update(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> bool:
+        for la in live:
+            st = stats[la.label]
+            if st.count >= rows_needed(min(la.full_width, MAX_MOMENT_DIM)):
+                continue
+            x = la.input_rows(before[la.node.input[0]].astype(np.float64))
+            same = np.array_equal(before[la.node.input[0]], after[la.node.input[0]])
+            x_new = x if same else la.input_rows(after[la.node.input[0]].astype(np.float64))
+            st.pending.append((x, x_new, same))
+            st.pending_rows += len(x)
+            st.count += len(x)
+            if st.pending_rows >= FLUSH_ROWS:
+                _flush(st)
+        return all(stats[la.label].count >= rows_needed(min(la.full_width, MAX_MOMENT_DIM)) for la in live)
+
+    ctx.reduce_pair(original, current, sorted({la.node.input[0] for la in live}), update, desc=desc)
+    for st in stats.values():
+        _flush(st)
+        scale = 1.0 / max(st.count, 1)
+        for name in ("new", "cross", "old", "blocks"):
+            value = getattr(st, name)
+            if value is not None:
+                setattr(st, name, value * scale)
+    return stats
+
+
+def _empty_stats(layer: WeightLayer, block: int | None) -> InputStats | None:
+    width = layer.full_width
+    if wants_full(layer):
+        return InputStats(np.zeros((width, width)), np.zeros((width, width)), np.zeros((width, width)))
+    if block is None or width % block:
+        return None
+    return InputStats(blocks=np.zeros((width // block, block, block)))
+
+
+def _flush(st: InputStats) -> None:
+    if not st.pending:
+        return
+    same = all(p[2] for p in st.pending)
+    x = np.concatenate([p[0] for p in st.pending])
+    x_new = x if same else np.concatenate([p[1] for p in st.pending])
+    st.pending, st.pending_rows = [], 0
+    _accumulate(st, x, x_new, same)
+
+
+def _accumulate(st: InputStats, x: np.ndarray, x_new: np.ndarray, same: bool) -> None:
+    if st.full:
+        old = x.T @ x
+        st.old += old
+        st.new += old if same else x_new.T @ x_new
+        st.cross += old if same else x_new.T @ x
+    else:
+        b, d = st.blocks.shape[:2]
+        xb = x_new.reshape(len(x_new), b, d)
+        st.blocks += np.einsum("rbd,rbe->bde", xb, xb)
+
+
+def insert_before(model: onnx.ModelProto, output: str, nodes: list[onnx.NodeProto], weight: str) -> None:
+    """Insert `nodes` before the node producing `output`, and make that node read `weight` as input 1."""
+    current = list(model.graph.node)
+    at = next(i for i, n in enumerate(current) if output in n.output)
+    current[at].input[1] = weight
+    del model.graph.node[:]
+    model.graph.node.extend([*current[:at], *nodes, *current[at:]])
+
+
+def _shape_const(model: onnx.ModelProto, base: str, shape) -> str:
+    return add_initializer(model, base, np.asarray(shape, dtype=np.int64), np.int64)
+
+
+def _layout_nodes(model: onnx.ModelProto, layer: WeightLayer, src: str, base: str) -> tuple[list, str]:
+    """Reshape an output-major (N, ...) tensor to the weight's own layout (Transpose for K x N weights)."""
+    n = layer.matrix.shape[0]
+    shape = (n, layer.matrix.shape[1]) if layer.kind == "cols" else layer.weight.shape
+    out = unique_name(model, f"{base}_dense")
+    nodes = [helper.make_node("Reshape", [src, _shape_const(model, f"{base}_shape", shape)], [out],
+                              name=unique_name(model, f"{base}_reshape"))]
+    if layer.kind == "cols":
+        t = unique_name(model, f"{base}_t")
+        nodes.append(helper.make_node("Transpose", [out], [t], name=unique_name(model, f"{base}_transpose"),
+                                      perm=[1, 0]))
+        out = t
+    return nodes, out
+
+
+def _cast_to(model: onnx.ModelProto, src: str, dtype: np.dtype, base: str) -> tuple[list, str]:
+    out = unique_name(model, f"{base}_weight")
+    to = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    return [helper.make_node("Cast", [src], [out], name=unique_name(model, f"{base}_cast"), to=to)], out
+
+
+def pq_decoder(
+    model: onnx.ModelProto, layer: WeightLayer, codebook: np.ndarray, codes: np.ndarray, book_dtype: np.dtype
+) -> tuple[list, str]:
+    """codebook (k, d) + uint8 codes (N, J) -> Gather -> Reshape (-> Transpose) -> Cast -> dense weight."""
+    base = f"{layer.node.name or layer.node.output[0]}_pq"
+    book = add_initializer(model, f"{base}_codebook", codebook, book_dtype)
+    code = add_initializer(model, f"{base}_codes", codes, np.uint8)
+    index, gathered = unique_name(model, f"{base}_index"), unique_name(model, f"{base}_gathered")
+    nodes = [helper.make_node("Cast", [code], [index], name=unique_name(model, f"{base}_index_cast"),
+                              to=TensorProto.INT32),
+             helper.make_node("Gather", [book, index], [gathered], name=unique_name(model, f"{base}_gather"),
+                              axis=0)]
+    layout, out = _layout_nodes(model, layer, gathered, base)
+    nodes += layout
+    if np.dtype(book_dtype) != layer.weight.dtype:
+        cast, out = _cast_to(model, out, layer.weight.dtype, base)
+        nodes += cast
+    return nodes, out
+
+
+def dense_decoder(model: onnx.ModelProto, layer: WeightLayer, dtype: np.dtype) -> tuple[list, str]:
+    """The weight stored in `dtype` (float16) and cast back to its own dtype in the graph."""
+    base = f"{layer.node.name or layer.node.output[0]}_fp16"
+    stored = add_initializer(model, f"{base}_stored", layer.weight, dtype)
+    return _cast_to(model, stored, layer.weight.dtype, base)
+
+
+def binary_decoder(
+    model: onnx.ModelProto, layer: WeightLayer, signs: np.ndarray, alpha: np.ndarray
+) -> tuple[list, str]:
+    """Bit-packed signs (N, m, K) and alpha (N, m) -> W[n] = sum_i alpha[n, i] * s[n, i], with standard ops:
+    BitShift + Mod unpack the bits, Mul/Sub map {0, 1} to {-1, +1}, a batched MatMul weighs the bases."""
+    n, m, k = signs.shape
+    base = f"{layer.node.name or layer.node.output[0]}_bin"
+    total = n * m * k
+    packed = np.packbits((signs > 0).ravel().astype(np.uint8)).reshape(-1, 1)
+    bits = add_initializer(model, f"{base}_bits", packed, np.uint8)
+    shifts = add_initializer(model, f"{base}_shifts", np.arange(7, -1, -1, dtype=np.uint8), np.uint8)
+    two = add_initializer(model, f"{base}_two", np.array(2, dtype=np.uint8), np.uint8)
+    fconst = {v: add_initializer(model, f"{base}_{v}", np.array(float(v), dtype=layer.weight.dtype),
+                                 layer.weight.dtype) for v in (1, 2)}
+    scale = add_initializer(model, f"{base}_alpha", alpha.reshape(n, 1, m), layer.weight.dtype)
+    names = {t: unique_name(model, f"{base}_{t}") for t in ("shifted", "bit", "float", "flat", "signs",
+                                                            "double", "pm", "weighted")}
+    shape = _shape_const(model, f"{base}_flat_shape", [len(packed) * 8])
+    nodes = [
+        helper.make_node("BitShift", [bits, shifts], [names["shifted"]], direction="RIGHT",
+                         name=unique_name(model, f"{base}_bitshift")),
+        helper.make_node("Mod", [names["shifted"], two], [names["bit"]], name=unique_name(model, f"{base}_mod")),
+        helper.make_node("Cast", [names["bit"]], [names["float"]], name=unique_name(model, f"{base}_cast_bits"),
+                         to=helper.np_dtype_to_tensor_dtype(layer.weight.dtype)),
+        helper.make_node("Reshape", [names["float"], shape], [names["flat"]], name=unique_name(model, f"{base}_r1")),
+    ]
+    flat = names["flat"]
+    if total != len(packed) * 8:
+        starts, ends = (_shape_const(model, f"{base}_{t}", [v]) for t, v in (("start", 0), ("end", total)))
+        flat = unique_name(model, f"{base}_trimmed")
+        nodes.append(helper.make_node("Slice", [names["flat"], starts, ends], [flat],
+                                      name=unique_name(model, f"{base}_slice")))
+    nodes += [
+        helper.make_node("Reshape", [flat, _shape_const(model, f"{base}_nmk", [n, m, k])], [names["signs"]],
+                         name=unique_name(model, f"{base}_r2")),
+        helper.make_node("Mul", [names["signs"], fconst[2]], [names["double"]], name=unique_name(model, f"{base}_mul")),
+        helper.make_node("Sub", [names["double"], fconst[1]], [names["pm"]], name=unique_name(model, f"{base}_sub")),
+        helper.make_node("MatMul", [scale, names["pm"]], [names["weighted"]],
+                         name=unique_name(model, f"{base}_matmul")),
+    ]
+    layout, out = _layout_nodes(model, layer, names["weighted"], base)
+    return nodes + layout, out
+
+
+def weight_bytes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> int:
+    """Bytes of the initializers a decoding subgraph reads."""
+    used = {i for node in nodes for i in node.input}
+    return sum(len(t.raw_data) or _data_len(t) for t in model.graph.initializer if t.name in used)
+
+
+def _data_len(tensor: onnx.TensorProto) -> int:
+    return math.prod(tensor.dims) * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize

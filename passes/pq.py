@@ -1,0 +1,210 @@
+"""`pq`: product quantisation of Conv/Gemm/MatMul weights (Stock, Joulin, Gribonval, Graham, Jegou 2019,
+"And the Bit Goes Down").
+
+Each layer's weight is cut into sub-vectors: the kh x kw block of one input channel for k x k convs, a
+block of `block` consecutive input channels for 1 x 1 convs and Gemm/MatMul. k centroids per layer are
+learnt by EM on the layer's *output* error over calibration inputs: the E-step assigns each sub-vector to
+the centroid that least changes the output (distance weighted by its input block's Gram matrix), the
+M-step solves each centroid by least squares on those activations, and empty clusters are re-seeded by
+splitting the most populated one. EM starts from plain k-means on the weights. Layers are quantised in
+graph order with inputs taken from the model quantised so far, and each layer's target is the weight that
+maps those inputs onto the original layer's outputs, so earlier errors are corrected rather than stacked.
+
+In the graph: a float16 codebook and uint8 codes -> Gather -> Reshape (-> Transpose) -> Cast feed the
+layer's weight input. Layers whose codes would not be smaller stay dense (float16 plus a Cast).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+
+from rewriter.graph import GraphView
+from rewriter.pass_api import PassContext, PassResult
+from rewriter.progress import progress
+from rewriter.registry import register_pass
+
+from ._codebook import activation_em, compensated_target, output_error_rel, plain_kmeans, weight_error
+from ._weight_codes import (
+    InputStats,
+    WeightLayer,
+    capture_stats,
+    copy_model,
+    dense_decoder,
+    drop_unused_initializers,
+    find_weight_layer,
+    independent_waves,
+    insert_before,
+    pq_decoder,
+    wants_full,
+    weight_bytes,
+)
+
+BOOK_DTYPES = {"float16": np.float16, "float32": np.float32}
+NEEDS_DATA = "the codebooks are fitted to each layer's outputs; or --opt pq.data_aware=false for plain k-means"
+
+
+def to_blocks(m: np.ndarray, group: int, d: int) -> np.ndarray:
+    """Output-major M (N, Kg) -> sub-vectors (B, P, d): block b = (group, input block) shares one Gram."""
+    n, kg = m.shape
+    j = kg // d
+    return m.reshape(group, n // group, j, d).transpose(0, 2, 1, 3).reshape(group * j, n // group, d)
+
+
+def codes_to_rows(codes: np.ndarray, group: int, n: int) -> np.ndarray:
+    """Codes (B, P) back to the weight's output-major order (N, J)."""
+    j = codes.shape[0] // group
+    return codes.reshape(group, j, n // group).transpose(0, 2, 1).reshape(n, j)
+
+
+def diagonal_blocks(cov: np.ndarray, d: int) -> np.ndarray:
+    """The (d x d) diagonal blocks of a (J d x J d) matrix, as (J, d, d)."""
+    j = len(cov) // d
+    index = np.arange(j)
+    return cov.reshape(j, d, j, d)[index, :, index, :]
+
+
+@register_pass("pq")
+class PqPass:
+    """Product quantisation with activation-aware EM codebooks."""
+
+    name = "pq"
+
+    def __init__(
+        self,
+        *,
+        k: int = 256,
+        block: int = 4,
+        codebook_dtype: str = "float16",
+        dense_fp16: bool = True,
+        iters: int = 25,
+        data_aware: bool = True,
+        skip: str = "",
+    ) -> None:
+        if not 2 <= k <= 256:
+            raise ValueError(f"k must be in [2, 256] (codes are uint8), got {k}")
+        if block < 1:
+            raise ValueError(f"block must be at least 1, got {block}")
+        if codebook_dtype not in BOOK_DTYPES:
+            raise ValueError(f"codebook_dtype must be one of {sorted(BOOK_DTYPES)}, got {codebook_dtype!r}")
+        if iters < 0:
+            raise ValueError(f"iters must be >= 0, got {iters}")
+        self.k, self.block, self.book_dtype = k, block, np.dtype(BOOK_DTYPES[codebook_dtype])
+        self.dense_fp16, self.iters, self.data_aware = dense_fp16, iters, data_aware
+        self.skip = {s.strip() for s in skip.split(",") if s.strip()}
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        model = copy_model(model)
+        view = GraphView(model)
+        layers, skipped = [], {}
+        for node in model.graph.node:
+            if node.op_type in ("Conv", "Gemm", "MatMul"):
+                found = find_weight_layer(view, node)
+                label = node.name or f"{node.op_type}:{node.output[0]}"
+                if label in self.skip:
+                    skipped[label] = "named in pq.skip"
+                elif isinstance(found, WeightLayer):
+                    layers.append(found)
+                else:
+                    skipped[label] = found
+        if self.data_aware and layers:
+            ctx.require_data("pq", NEEDS_DATA)
+        original = copy_model(model)
+        details: dict[str, dict] = {}
+        for wave in progress(independent_waves(model, layers), desc="pq: layer groups"):
+            plans = {la.label: self._plan(la) for la in wave}
+            coded = [la for la in wave if plans[la.label]["form"] == "pq"]
+            stats = {}
+            if self.data_aware and coded:
+                blocks = {la.label: plans[la.label]["d"] for la in coded}
+                stats = capture_stats(ctx, original, model, coded, blocks, desc=None)
+            for la in wave:
+                details[la.label] = self._apply(model, la, plans[la.label], stats.get(la.label), ctx.seed)
+        drop_unused_initializers(model)
+        changed = [label for label, d in details.items() if d["form"] != "dense"]
+        return PassResult(model, changed, {**self._summary(details), "layers": details, "skipped": skipped})
+
+    def _sub_size(self, layer: WeightLayer) -> int:
+        """Sub-vector size: the kernel's spatial block, or `block` input channels (a divisor of the width)."""
+        if layer.spatial > 1:
+            return layer.spatial
+        return math.gcd(layer.matrix.shape[1], self.block)
+
+    def _plan(self, layer: WeightLayer) -> dict:
+        """Which form the layer takes: codes when they are smaller than the dense weight, else dense."""
+        n, kg = layer.matrix.shape
+        d = self._sub_size(layer)
+        own = layer.weight.dtype
+        dense_dtype = np.dtype(np.float16) if self.dense_fp16 and own.itemsize > 2 else own
+        dense = n * kg * dense_dtype.itemsize
+        subs = n * kg // d
+        k = min(self.k, subs)
+        coded = k * d * self.book_dtype.itemsize + subs
+        plan = {"weights": n * kg, "d": d, "k": k, "dense_dtype": dense_dtype, "bytes_before": layer.weight.nbytes}
+        if d < 2 or coded >= dense:
+            plan["form"] = "dense_fp16" if dense_dtype != layer.weight.dtype else "dense"
+            plan["why"] = "sub-vectors of one weight" if d < 2 else f"codes ({coded} B) not smaller than dense"
+        else:
+            plan["form"] = "pq"
+        return plan
+
+    def _apply(
+        self, model: onnx.ModelProto, layer: WeightLayer, plan: dict, stats: InputStats | None, seed: int
+    ) -> dict:
+        info = {k: v for k, v in plan.items() if k not in ("dense_dtype",)}
+        if plan["form"] == "dense":
+            info["bytes_after"] = plan["bytes_before"]
+        elif plan["form"] == "dense_fp16":
+            nodes, out = dense_decoder(model, layer, plan["dense_dtype"])
+            insert_before(model, layer.node.output[0], nodes, out)
+            info["bytes_after"] = weight_bytes(model, nodes)
+        else:
+            codebook, codes, fit = self._fit(layer, plan, stats, seed)
+            nodes, out = pq_decoder(model, layer, codebook, codes, self.book_dtype)
+            insert_before(model, layer.node.output[0], nodes, out)
+            info.update(fit, bytes_after=weight_bytes(model, nodes))
+        info["bits_per_weight"] = 8.0 * info["bytes_after"] / plan["weights"]
+        return info
+
+    def _fit(self, layer: WeightLayer, plan: dict, stats: InputStats | None, seed: int) -> tuple:
+        """Codebook (k, d) and codes (N, J) for the layer, plus what the report says about the fit."""
+        d, k, g = plan["d"], plan["k"], layer.group
+        m = layer.matrix
+        n = m.shape[0]
+        book, plain_codes = plain_kmeans(to_blocks(m, g, d).reshape(-1, d), k, seed)
+        plain_codes = plain_codes.reshape(-1, n // g)
+        if stats is None:
+            return book, codes_to_rows(plain_codes, g, n).astype(np.uint8), {"fit": "k-means on weights"}
+        target = m
+        if stats.full:
+            target = compensated_target(m, stats.new, stats.cross)
+            grams = diagonal_blocks(stats.new, d)
+        else:
+            grams = stats.blocks
+        v3 = to_blocks(target, g, d)
+        start = float(weight_error(v3, grams, book, plain_codes))
+        book_em, codes, history = activation_em(v3, grams, book, self.iters, seed)
+        fit = {"fit": "activation EM", "em_iterations": len(history) - 1,
+               "objective_ratio": float(history[-1] / max(start, 1e-30)) if history else 1.0}
+        if stats.full and wants_full(layer):
+            approx = book_em[codes_to_rows(codes, g, n)].reshape(m.shape)
+            plain = book[codes_to_rows(plain_codes, g, n)].reshape(m.shape)
+            fit["output_error"] = output_error_rel(m, approx, stats.new, stats.cross, stats.old)
+            fit["output_error_kmeans"] = output_error_rel(m, plain, stats.new, stats.cross, stats.old)
+        return book_em, codes_to_rows(codes, g, n).astype(np.uint8), fit
+
+    @staticmethod
+    def _summary(details: dict[str, dict]) -> dict:
+        before = sum(d["bytes_before"] for d in details.values())
+        after = sum(d["bytes_after"] for d in details.values())
+        weights = sum(d["weights"] for d in details.values())
+        summary = {"weight_bytes_before": before, "weight_bytes_after": after,
+                   "bits_per_weight": 8.0 * after / max(weights, 1),
+                   "forms": {f: sum(d["form"] == f for d in details.values()) for f in ("pq", "dense_fp16", "dense")}}
+        fitted = [d for d in details.values() if "output_error" in d]
+        if fitted:
+            summary["mean_output_error"] = float(np.mean([d["output_error"] for d in fitted]))
+            summary["mean_output_error_kmeans"] = float(np.mean([d["output_error_kmeans"] for d in fitted]))
+        return summary

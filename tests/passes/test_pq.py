@@ -1,0 +1,144 @@
+"""The pq pass: EM fits, exact decoding in the graph, dense fallback, options."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from rewriter.calib import Calibration
+from rewriter.canonical import canonicalize
+from rewriter.errors import UsageError
+from rewriter.pass_api import PassContext
+from rewriter.passes._codebook import activation_em, assign, plain_kmeans, reseed_empty, weight_error
+from rewriter.passes.pq import PqPass, codes_to_rows, to_blocks
+from rewriter.pipeline import checked
+from rewriter.registry import make_pass
+from tests.helpers import (
+    assert_outputs_close,
+    conv_model,
+    make_model,
+    mlp_model,
+    op_counts,
+    run_ort,
+    set_initializer,
+    tensor,
+    value,
+)
+
+
+def _context(shape, n=48, seed=0) -> PassContext:
+    rng = np.random.default_rng(seed)
+    return PassContext(fit=Calibration({"x": rng.normal(size=(n, *shape)).astype(np.float32)}, None, "test"))
+
+
+def _prototyped(rng, shape, d, kinds=8, layout="rows"):
+    """A weight whose sub-vectors (size d, along the input axis) are drawn from `kinds` fp16-exact prototypes."""
+    protos = rng.integers(-8, 9, size=(kinds, d)) / 4.0
+    if layout == "cols":  # (K, N): sub-vectors run down the columns
+        k, n = shape
+        return protos[rng.integers(0, kinds, size=(n, k // d))].reshape(n, k).T
+    n = shape[0]
+    return protos[rng.integers(0, kinds, size=(n, int(np.prod(shape[1:])) // d))].reshape(shape)
+
+
+def _conv1x1_model(seed=0, channels=(8, 16, 24), size=6) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    c0, c1, c2 = channels
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], name="pw1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2", "b2"], ["y"], name="pw2")]
+    inits = [tensor("w1", rng.normal(size=(c1, c0, 1, 1))), tensor("w2", rng.normal(size=(c2, c1, 1, 1))),
+             tensor("b2", rng.normal(size=c2))]
+    return make_model(nodes, [value("x", ["N", c0, size, size])], [value("y", ["N", c2, size, size])], inits)
+
+
+def test_blocks_round_trip_with_groups():
+    m = np.arange(8 * 12).reshape(8, 12).astype(float)
+    v3 = to_blocks(m, group=2, d=3)
+    assert v3.shape == (2 * 4, 4, 3)
+    np.testing.assert_array_equal(v3[1, 2], m[2, 3:6])  # block 1 = group 0, input block 1; output 2
+    np.testing.assert_array_equal(v3[5, 0], m[4, 3:6])  # block 5 = group 1, input block 1; output 4
+    codes = np.arange(8 * 4).reshape(8, 4)
+    assert codes_to_rows(codes, 2, 8)[4, 1] == codes[5, 0]
+
+
+def test_activation_em_beats_plain_kmeans_on_the_output():
+    rng = np.random.default_rng(0)
+    b, p, d, k = 12, 64, 4, 16
+    mix = rng.normal(size=(b, d, d)) * np.array([3.0, 1.0, 0.1, 0.01])  # inputs excite few directions
+    grams = mix @ mix.transpose(0, 2, 1)
+    v3 = rng.normal(size=(b, p, d))
+    book, codes = plain_kmeans(v3.reshape(-1, d), k, seed=0)
+    plain = weight_error(v3, grams, book, codes.reshape(b, p))
+    fitted, em_codes, history = activation_em(v3, grams, book, iters=30, seed=0)
+    aware = weight_error(v3, grams, fitted, em_codes)
+    assert aware < 0.7 * plain
+    assert history[-1] <= history[0]
+    assert assign(v3, grams, fitted)[1] == pytest.approx(aware, rel=1e-6)
+
+
+def test_empty_cluster_is_reseeded_by_splitting_the_largest():
+    centroids = np.array([[0.0, 0.0], [5.0, 5.0], [9.0, 9.0]])
+    counts = np.array([10.0, 0.0, 3.0])
+    assert reseed_empty(centroids, counts, np.random.default_rng(0)) == 1
+    assert np.linalg.norm(centroids[1] - centroids[0]) < 1e-2  # split from cluster 0, the most populated
+
+
+@pytest.mark.parametrize("data_aware", [True, False])
+def test_gemm_and_matmul_codes_decode_exactly(data_aware):
+    rng = np.random.default_rng(1)
+    model = mlp_model(dims=(16, 32, 24))
+    set_initializer(model, "w1", _prototyped(rng, (32, 16), 4))  # Gemm transB=1: (N, K)
+    set_initializer(model, "w2", _prototyped(rng, (32, 24), 4, layout="cols"))  # MatMul: (K, N)
+    model = canonicalize(model, {"x": [1, 16]})
+    result = PqPass(k=8, data_aware=data_aware).run(model, _context([16]))
+    new = checked(result.model, "pq")
+    assert result.changed == ["fc1", "fc2"]
+    assert op_counts(new)["Gather"] == 2 and op_counts(new)["Transpose"] == 1  # only the K x N weight turns
+    assert {t.data_type for t in new.graph.initializer if "codes" in t.name} == {onnx.TensorProto.UINT8}
+    x = rng.normal(size=(1, 16)).astype(np.float32)
+    assert_outputs_close(run_ort(new, {"x": x}), run_ort(model, {"x": x}), rtol=1e-4, atol=1e-4)
+
+
+def test_conv_codes_decode_exactly_3x3_and_1x1():
+    rng = np.random.default_rng(2)
+    conv = conv_model(channels=(3, 16, 32))
+    set_initializer(conv, "w1", _prototyped(rng, (16, 3, 3, 3), 9))
+    set_initializer(conv, "w2", _prototyped(rng, (32, 16, 3, 3), 9))
+    point = _conv1x1_model()
+    set_initializer(point, "w1", _prototyped(rng, (16, 8, 1, 1), 4))
+    set_initializer(point, "w2", _prototyped(rng, (24, 16, 1, 1), 4))
+    for model, shape in ((conv, [3, 12, 12]), (point, [8, 6, 6])):
+        model = canonicalize(model, {"x": [1, *shape]})
+        result = PqPass(k=8).run(model, _context(shape, n=16))
+        new = checked(result.model, "pq")
+        assert all(d["form"] == "pq" for d in result.notes["layers"].values()), result.notes["layers"]
+        x = rng.normal(size=(1, *shape)).astype(np.float32)
+        assert_outputs_close(run_ort(new, {"x": x}), run_ort(model, {"x": x}), rtol=1e-4, atol=1e-4)
+
+
+def test_small_layers_stay_dense_in_float16_and_file_shrinks():
+    model = canonicalize(conv_model(channels=(3, 16, 32)), {"x": [1, 3, 12, 12]})
+    result = PqPass(k=64).run(model, _context([3, 12, 12], n=16))
+    layers = result.notes["layers"]
+    assert layers["conv1"]["form"] == "dense_fp16"  # 48 sub-vectors cannot pay for their own codebook
+    assert layers["conv2"]["form"] == "pq" and layers["conv2"]["bits_per_weight"] < 4
+    new = checked(result.model, "pq")
+    stored = {t.name: t.data_type for t in new.graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in stored.values()
+    assert len(new.SerializeToString()) < 0.3 * len(model.SerializeToString())
+    x = np.random.default_rng(3).normal(size=(1, 3, 12, 12)).astype(np.float32)
+    ref, got = run_ort(model, {"x": x})[0], run_ort(new, {"x": x})[0]
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.7  # random weights have no structure to share
+    assert layers["conv2"]["output_error"] < layers["conv2"]["output_error_kmeans"]
+
+
+def test_options_are_checked():
+    with pytest.raises(UsageError):
+        make_pass("pq", {"k": "300"})
+    with pytest.raises(UsageError):
+        make_pass("pq", {"codebook_dtype": "int8"})
+    with pytest.raises(UsageError):
+        PqPass().run(canonicalize(mlp_model(), {"x": [1, 16]}), PassContext(fit=None))
