@@ -1,5 +1,5 @@
 """Built-in passes. Importing this package registers them (the project's only import-for-registration)."""
 
-from . import exit, pq, prune, svd
+from . import exit, pq, svd
 
-__all__ = ["exit", "pq", "prune", "svd"]
+__all__ = ["exit", "pq", "svd"]
