@@ -15,6 +15,8 @@ from .errors import ModelError, UsageError
 # Folds that would change the user's layer structure are left to the passes: BN and scale
 # layers stay visible so that pruning can slice them as members of a channel group.
 _KEPT_STRUCTURE = ("FusionConvBN", "FusionConvTransposeBN", "FusionConvMul", "FusionConvTransposeMul")
+# Domains onnxruntime's CPU provider implements; anything else is a custom operator.
+STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -93,8 +95,26 @@ def _constants_to_initializers(model: onnx.ModelProto) -> None:
     model.graph.node.extend(keep)
 
 
+def _keep_output_types(original: onnx.ModelProto, slim: onnx.ModelProto) -> None:
+    """onnxslim drops an output's shape it cannot infer (after Loop, say); the checker needs one: keep the user's."""
+    declared = {o.name: o for o in original.graph.output}
+    for output in slim.graph.output:
+        if not output.type.tensor_type.HasField("shape") and output.name in declared:
+            output.type.CopyFrom(declared[output.name].type)
+
+
+def check_operators(model: onnx.ModelProto) -> None:
+    """Custom-domain operators cannot be run, checked or rewritten here: say which one, once."""
+    for node in model.graph.node:
+        if node.domain not in STANDARD_DOMAINS:
+            op = f"{node.domain}.{node.op_type}"
+            raise ModelError(f"node {node.name or node.output[0]!r} uses the custom operator {op}; "
+                             "only standard ONNX operators are supported")
+
+
 def canonicalize(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
     """Fix the input shapes, fold constant and shape subgraphs (onnxslim), infer all shapes."""
+    check_operators(model)
     import onnxslim
     from onnxslim.core.pattern.registry import DEFAULT_FUSION_PATTERNS
 
@@ -108,6 +128,7 @@ def canonicalize(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int
     if slim is None:
         raise ModelError("could not fold the model's constants (onnxslim returned nothing)")
     _constants_to_initializers(slim)
+    _keep_output_types(model, slim)
     slim.graph.ClearField("value_info")
     try:
         inferred = onnx.shape_inference.infer_shapes(slim, check_type=True, strict_mode=True, data_prop=True)

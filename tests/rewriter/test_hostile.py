@@ -161,3 +161,47 @@ def test_concurrent_runs_do_not_both_claim_the_same_out_dir(work):
     assert codes == [0, 2], errors
     assert any("not empty" in e or "another run" in e for e in errors), errors
     assert onnx.load(out / "model.onnx").graph.node
+
+
+def _loop_model() -> onnx.ModelProto:
+    """y = x + x + x through an ONNX Loop (a valid model onnxslim leaves without an output shape)."""
+    from onnx import TensorProto, helper
+
+    body = helper.make_graph(
+        [helper.make_node("Add", ["acc_in", "x"], ["acc_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [1, 4])])
+    inits = [onnx.numpy_helper.from_array(np.array(3, np.int64), "trip"),
+             onnx.numpy_helper.from_array(np.array(True), "cond"),
+             onnx.numpy_helper.from_array(np.zeros((1, 4), np.float32), "init")]
+    graph = helper.make_graph([helper.make_node("Loop", ["trip", "cond", "init"], ["y"], body=body)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_valid_loop_model_is_not_called_invalid(work):
+    onnx.save(_loop_model(), work / "loop.onnx")
+    result = rewrite(work / "loop.onnx", passes=["svd"], calib="synthetic", out_dir=work / "out")
+    assert result.report["fidelity"]["drop"] < 1e-6 and (work / "out" / "model.onnx").exists()
+
+
+def test_custom_operator_is_named(work, capsys):
+    from onnx import helper
+
+    graph = helper.make_graph([helper.make_node("MyOp", ["x"], ["y"], domain="com.me", name="mine")], "g",
+                              [helper.make_tensor_value_info("x", 1, [1, 4])],
+                              [helper.make_tensor_value_info("y", 1, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.me", 1)])
+    model.ir_version = 8
+    (work / "inputs").mkdir()
+    onnx.save(model, work / "inputs" / "custom.onnx")
+    code, err = _run(capsys, work / "inputs" / "custom.onnx", "-o", work / "out")
+    _assert_clean_failure(work, code, err, 3, "custom operator com.me.MyOp")
