@@ -56,6 +56,26 @@ ROWS_PER_INPUT, MIN_ROWS = 64, 16384
 NEEDS_DATA = "data_aware=true fits each split to the layer's outputs; or --opt svd.data_aware=false"
 
 
+# Early stopping still draws its rows from at least this many samples (when there are that many): an early
+# conv layer yields thousands of rows per image, and one image is not a calibration set.
+SPREAD_SAMPLES = 32
+
+
+def _row_picker(ctx: PassContext, rows_needed: int):
+    """A seeded choice of at most rows_needed / SPREAD_SAMPLES rows of each sample's matrices (same rows in each)."""
+    rng = np.random.default_rng(ctx.seed)
+    samples = len(ctx.require_data("svd", NEEDS_DATA))
+    cap = max(1, math.ceil(rows_needed / min(samples, SPREAD_SAMPLES)))
+
+    def pick(*matrices: np.ndarray) -> tuple[np.ndarray, ...]:
+        if len(matrices[0]) <= cap:
+            return matrices
+        index = np.sort(rng.choice(len(matrices[0]), cap, replace=False))
+        return tuple(m[index] for m in matrices)
+
+    return pick
+
+
 def _rows_needed(k: int) -> int:
     """Input rows after which k x k moments are stable enough to stop reading samples."""
     return max(ROWS_PER_INPUT * k, MIN_ROWS)
@@ -167,11 +187,13 @@ class SvdPass:
         k = len(start)
         gram, cross, energy, count = np.zeros((k, k)), np.zeros_like(start), 0.0, 0
 
+        pick = _row_picker(ctx, _rows_needed(k))
+
         def update(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> bool:
             nonlocal energy, count
             patches = conv_patches(after[second.input[0]].astype(np.float64), geometry)
             out = before[layer.node.output[0]].astype(np.float64)
-            target = out.transpose(0, 2, 3, 1).reshape(-1, out.shape[1]) - bias
+            patches, target = pick(patches, out.transpose(0, 2, 3, 1).reshape(-1, out.shape[1]) - bias)
             gram[:] += patches.T @ patches
             cross[:] += patches.T @ target
             energy += float(np.sum(target**2))
@@ -244,13 +266,14 @@ class SvdPass:
         ctx.require_data("svd", NEEDS_DATA)
         sums = {la.label: [np.zeros((la.w.shape[0],) * 2) for _ in range(3)] for la in wanted}
         counts = dict.fromkeys(sums, 0)
+        pickers = {la.label: _row_picker(ctx, _rows_needed(la.w.shape[0])) for la in wanted}
 
         def update(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> bool:
             for la in wanted:
                 if counts[la.label] >= _rows_needed(la.w.shape[0]):
                     continue
-                x = la.rows(before[la.node.input[0]].astype(np.float64))
-                x_new = la.rows(after[la.node.input[0]].astype(np.float64))
+                x, x_new = pickers[la.label](la.rows(before[la.node.input[0]].astype(np.float64)),
+                                             la.rows(after[la.node.input[0]].astype(np.float64)))
                 new, cross, old = sums[la.label]
                 new += x_new.T @ x_new
                 cross += x_new.T @ x

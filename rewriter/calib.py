@@ -142,4 +142,6 @@ def split(calib: Calibration, holdout: float, seed: int) -> tuple[Calibration, C
         raise UsageError("calibration needs at least 2 samples (one to fit, one held out)")
     order = np.random.default_rng(seed).permutation(n)
     n_held = min(n - 1, max(1, round(n * holdout)))
-    return calib.take(np.sort(order[n_held:])), calib.take(np.sort(order[:n_held]))
+    # The fit part stays in the seeded random order: fits that stop early must not see only the file's first
+    # samples (a file sorted by label would hand them one class).
+    return calib.take(order[n_held:]), calib.take(np.sort(order[:n_held]))

@@ -108,8 +108,9 @@ def test_conv_split_is_exact_for_low_rank_weights(mode):
 
 def test_depthwise_and_head_layers_are_left_alone_with_reasons():
     model = _canonical(conv_model(channels=(3, 16, 16), group2=16), [3, 12, 12])
-    result = SvdPass(rank_ratio=0.25).run(model, _context([3, 12, 12], n=4))
-    assert "grouped" in result.notes["skipped"]["conv2"] or "head" in result.notes["skipped"]["conv2"]
+    # keep_heads=False: the depthwise conv is also the output head, and the grouped-conv rule must be what skips it
+    result = SvdPass(rank_ratio=0.25, keep_heads=False).run(model, _context([3, 12, 12], n=4))
+    assert "grouped" in result.notes["skipped"]["conv2"] and "conv2" not in result.changed
     wide = _canonical(mlp_model(dims=(16, 32, 8)), [16])
     head = SvdPass(rank_ratio=0.25).run(wide, _context([16]))
     assert "head" in head.notes["skipped"]["fc2"]
