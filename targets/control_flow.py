@@ -33,6 +33,14 @@ def _initializers(graph: onnx.GraphProto, table: dict[str, onnx.TensorProto]) ->
                 _initializers(attr.g, table)
 
 
+def _reading(node: onnx.NodeProto, renamed: dict[str, str]) -> onnx.NodeProto:
+    """A copy of a (subgraph-free) node whose inputs follow `renamed`."""
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    copy.input[:] = [renamed.get(name, name) for name in copy.input]
+    return copy
+
+
 class _Importer:
     """Builds `main` with a BlockBuilder: segment calls and relax.If, scope by scope."""
 
@@ -72,12 +80,15 @@ class _Importer:
         outputs = [name for name in produced if name in later]
         if not outputs:
             return
-        shapes = {name: [int(d) for d in env[name].ty.shape.values] for name in inputs}
-        dtypes = {name: str(env[name].ty.dtype) for name in inputs}
+        # Parameters get plain names: ONNX names such as "/stem/Relu_output_0" end up in kernel signatures.
+        params = {name: f"x{i}" for i, name in enumerate(inputs)}
+        nodes = [_reading(node, params) for node in nodes]
+        shapes = {params[n]: [int(d) for d in env[n].ty.shape.values] for n in inputs}
+        dtypes = {params[n]: str(env[n].ty.dtype) for n in inputs}
         graph = helper.make_graph(
             nodes, f"segment{self.count}",
-            [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(np.dtype(dtypes[n])), shapes[n])
-             for n in inputs],
+            [helper.make_tensor_value_info(p, helper.np_dtype_to_tensor_dtype(np.dtype(dtypes[p])), shapes[p])
+             for p in params.values()],
             [helper.make_empty_tensor_value_info(n) for n in outputs],
             [self.inits[n] for n in reads if n in self.inits],
         )
