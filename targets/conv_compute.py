@@ -1,0 +1,110 @@
+"""TE computes for the blocked-layout operators that TVM 0.27 cannot legalise itself.
+
+Relax refuses to legalise a conv2d whose layouts carry a channel block (NCHW16c, OIHW16i16o).
+These computes give each one a loop nest that the schedule rules recognise by block name
+(`rw_conv2d_nchwc`, `rw_dwconv2d_nchwc`, `rw_pad`): reduction over input-channel blocks and the
+window outside the output block, so the rule can keep a register tile of output columns x channels.
+`relax.sigmoid` is legalised through TVM's vectorisable fast exp instead of a scalar expf call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+CONV_BLOCK = "rw_conv2d_nchwc"
+DWCONV_BLOCK = "rw_dwconv2d_nchwc"
+PAD_BLOCK = "rw_pad"
+
+
+def legalize_map() -> dict[str, Any]:
+    """Legalisations to pass to `relax.transform.LegalizeOps` ahead of the zero pipeline."""
+    return {"relax.nn.conv2d": _legalize_conv2d, "relax.sigmoid": _legalize_sigmoid}
+
+
+def _legalize_conv2d(bb: Any, call: Any) -> Any:
+    from tvm.relax.transform.legalize_ops.nn import _nn_conv2d
+
+    attrs = call.attrs
+    if len(attrs.data_layout) == 4:
+        return _nn_conv2d(bb, call)
+    if attrs.out_dtype not in ("", None) and str(attrs.out_dtype) != str(call.args[0].ty.dtype):
+        return call  # mixed precision is not blocked by the layout rule; leave it to TVM
+    args = dict(
+        strides=[int(v) for v in attrs.strides],
+        padding=[int(v) for v in attrs.padding],
+        dilation=[int(v) for v in attrs.dilation],
+    )
+    if int(attrs.groups) == 1:
+        return bb.call_te(conv2d_nchwc, call.args[0], call.args[1], **args, primfunc_name_hint="conv2d_nchwc")
+    return bb.call_te(dwconv2d_nchwc, call.args[0], call.args[1], **args, primfunc_name_hint="dwconv2d_nchwc")
+
+
+def _legalize_sigmoid(bb: Any, call: Any) -> Any:
+    from tvm import te, topi
+
+    def sigmoid(x: Any) -> Any:
+        if str(x.dtype) != "float32":
+            return topi.sigmoid(x)
+        exp = topi.fast_exp(topi.negative(x))
+        return te.compute(x.shape, lambda *i: 1.0 / (1.0 + exp(*i)), name="rw_sigmoid")
+
+    return bb.call_te(sigmoid, call.args[0], primfunc_name_hint="sigmoid")
+
+
+def _padded(data: Any, padding: list[int]) -> Any:
+    """Zero-pad H and W of a 5-D NCHWc tensor; padding is (top, left, bottom, right)."""
+    from tvm import topi
+
+    top, left, bottom, right = padding
+    if not any(padding):
+        return data
+    return topi.nn.pad(data, [0, 0, top, left, 0], [0, 0, bottom, right, 0], name=PAD_BLOCK)
+
+
+def _out_size(size: int, before: int, after: int, kernel: int, stride: int, dilation: int) -> int:
+    return (size + before + after - (kernel - 1) * dilation - 1) // stride + 1
+
+
+def conv2d_nchwc(data: Any, kernel: Any, strides: list[int], padding: list[int], dilation: list[int]) -> Any:
+    """data [N, C/ib, H, W, ib] * kernel [O/ob, C/ib, KH, KW, ib, ob] -> [N, O/ob, OH, OW, ob]."""
+    from tvm import te
+
+    batch, _, height, width, _ = (int(v) for v in data.shape)
+    out_chunks, in_chunks, kh, kw, in_block, out_block = (int(v) for v in kernel.shape)
+    (sh, sw), (dh, dw) = strides, dilation
+    out_h = _out_size(height, padding[0], padding[2], kh, sh, dh)
+    out_w = _out_size(width, padding[1], padding[3], kw, sw, dw)
+    pad = _padded(data, padding)
+    rc = te.reduce_axis((0, in_chunks), name="rc")
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    rb = te.reduce_axis((0, in_block), name="rb")
+    return te.compute(
+        (batch, out_chunks, out_h, out_w, out_block),
+        lambda n, oc, y, x, ob: te.sum(
+            pad[n, rc, y * sh + ry * dh, x * sw + rx * dw, rb] * kernel[oc, rc, ry, rx, rb, ob],
+            axis=[rc, ry, rx, rb],
+        ),
+        name=CONV_BLOCK,
+    )
+
+
+def dwconv2d_nchwc(data: Any, kernel: Any, strides: list[int], padding: list[int], dilation: list[int]) -> Any:
+    """Depthwise: data [N, C/b, H, W, b] * kernel [C/b, 1, KH, KW, 1, b] -> [N, C/b, OH, OW, b]."""
+    from tvm import te
+
+    batch, chunks, height, width, block = (int(v) for v in data.shape)
+    _, _, kh, kw, _, _ = (int(v) for v in kernel.shape)
+    (sh, sw), (dh, dw) = strides, dilation
+    out_h = _out_size(height, padding[0], padding[2], kh, sh, dh)
+    out_w = _out_size(width, padding[1], padding[3], kw, sw, dw)
+    pad = _padded(data, padding)
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    return te.compute(
+        (batch, chunks, out_h, out_w, block),
+        lambda n, c, y, x, b: te.sum(
+            pad[n, c, y * sh + ry * dh, x * sw + rx * dw, b] * kernel[c, 0, ry, rx, 0, b], axis=[ry, rx]
+        ),
+        name=DWCONV_BLOCK,
+    )

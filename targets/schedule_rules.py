@@ -1,0 +1,229 @@
+"""TIR schedule rules for CPU kernels that have no tuning record (dlight-style, no search).
+
+Applied by `cpu_rules()` through `dlight.ApplyDefaultSchedule` after fusion, in this order:
+- `BlockedConv`: the blocked convolutions of `conv_compute` with their fused epilogue. A register
+  tile of `tile` output columns x one channel block: the block's channels vectorised, the columns
+  unrolled, input channels and the window reduced outside the tile, accumulation in a local
+  buffer written back once with the epilogue (bias, activation, residual add) applied on the way.
+  Parallel over (batch, channel block, output row).
+- dlight's CPU `Reduction` (softmax-like chains).
+- `InnerReduction`: any other kernel with one reduction (pooling, matmul/dense, NCHW conv, means):
+  the innermost spatial axis moved inside the reduction and vectorised, outer axes parallel.
+- `Elementwise`: purely spatial kernels (activations, layout transforms, concat, resize).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rewriter.targets.conv_compute import CONV_BLOCK, DWCONV_BLOCK, PAD_BLOCK
+
+MAX_TILE = 12  # output columns per register tile (accumulators: tile x one vector register)
+MIN_PARALLEL = 8  # fuse outer loops until this many parallel iterations exist
+
+
+def cpu_rules(target: Any) -> list[Any]:
+    """The rules in the order they are tried, for an llvm target."""
+    from tvm.s_tir import dlight as dl
+
+    return [BlockedConv(), dl.cpu.Reduction(), InnerReduction(), Elementwise()]
+
+
+def _rule_base() -> type:
+    from tvm.s_tir.dlight.base import ScheduleRule
+
+    return ScheduleRule
+
+
+class _Rule(_rule_base()):
+    """Common helpers: CPU targets only; a rule that cannot schedule a kernel declines it."""
+
+    def available(self, func: Any, target: Any) -> bool:
+        from tvm import tirx
+
+        return isinstance(func, tirx.PrimFunc) and target.kind.name == "llvm"
+
+    def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+        if not self.available(func, target):
+            return None
+        try:
+            return self.schedule(func, target)
+        except Exception:  # a shape the rule does not cover: the next rule (or TVM's default) takes it
+            return None
+
+
+class BlockedConv(_Rule):
+    """Register-tiled NCHW[b]c convolution (regular, grouped-as-depthwise, strided, dilated)."""
+
+    def schedule(self, func: Any, target: Any) -> Any:
+        from tvm import s_tir
+
+        sch = s_tir.Schedule(func)
+        conv = _find_block(sch, (CONV_BLOCK, DWCONV_BLOCK))
+        if conv is None:
+            return None
+        schedule_blocked_conv(sch, conv, tile=None)
+        return sch
+
+
+def schedule_blocked_conv(sch: Any, conv: Any, tile: int | None) -> None:
+    """Schedule the conv block `conv` and the rest of its fused function in place."""
+    depthwise = sch.get(conv).name_hint.startswith(DWCONV_BLOCK)
+    _inline_injective(sch, keep=(conv,))
+    write = _cache_with_epilogue(sch, conv)
+    loops = sch.get_loops(conv)
+    batch, chunk, row, col, lane = loops[:5]
+    reduce = loops[5:]
+    width = _extent(sch, col)
+    xo, xi = sch.split(col, [None, tile or _column_tile(width)])
+    sch.reorder(batch, chunk, row, xo, *reduce, xi, lane)
+    outer = sch.fuse(batch, chunk, row)
+    sch.parallel(outer)
+    sch.reverse_compute_at(write, xo, preserve_unit_loops=True)
+    # Loop kinds first: once the init is split off, the update block is no longer a reduction block.
+    sch.vectorize(lane)
+    sch.unroll(xi)
+    if not depthwise:
+        sch.unroll(reduce[-1])  # the input-channel lanes of one block
+    sch.vectorize(sch.get_loops(write)[-1])
+    init = sch.decompose_reduction(conv, reduce[0])
+    _vectorize_last(sch, init)
+    _schedule_leftovers(sch, exclude=(conv, init, write))
+
+
+def _vectorize_last(sch: Any, block: Any) -> None:
+    from tvm import tirx
+
+    loop = sch.get_loops(block)[-1]
+    if sch.get(loop).kind != tirx.ForKind.VECTORIZED:
+        sch.vectorize(loop)
+
+
+def _cache_with_epilogue(sch: Any, conv: Any) -> Any:
+    """Accumulate in a local buffer; fold a same-shaped element-wise consumer into the write-back."""
+    write = sch.cache_write(conv, 0, "local")
+    consumers = sch.get_consumers(write)
+    if len(consumers) == 1:
+        try:
+            sch.reverse_compute_inline(consumers[0])
+        except Exception:  # a layout change or reduction: it stays a kernel of its own
+            pass
+    return write
+
+
+def _column_tile(width: int) -> int:
+    """The largest divisor of the output width up to MAX_TILE (no tail loop needed)."""
+    return max(d for d in range(1, min(width, MAX_TILE) + 1) if width % d == 0)
+
+
+class InnerReduction(_Rule):
+    """One reduction block (pooling, matmul, plain conv, mean): vectorise the innermost spatial axis."""
+
+    def schedule(self, func: Any, target: Any) -> Any:
+        from tvm import s_tir
+
+        sch = s_tir.Schedule(func)
+        _inline_injective(sch, keep=())
+        reductions = [b for b in _root_blocks(sch) if _is_reduction(sch, b)]
+        if len(reductions) != 1:
+            return None
+        block = reductions[0]
+        kinds = _iter_kinds(sch, block)
+        loops = sch.get_loops(block)
+        if len(loops) != len(kinds) or kinds[0] != "S" or "R" not in kinds:
+            return None
+        spatial = [loop for loop, kind in zip(loops, kinds, strict=True) if kind == "S"]
+        reduce = [loop for loop, kind in zip(loops, kinds, strict=True) if kind == "R"]
+        inner = spatial[-1] if len(spatial) > 1 else None
+        if inner is not None:
+            sch.reorder(*spatial[:-1], *reduce, inner)
+            sch.parallel(_fuse_for_parallel(sch, spatial[:-1]))
+            if _extent(sch, inner) > 1:
+                sch.vectorize(inner)
+            init = sch.decompose_reduction(block, reduce[0])
+            if _extent(sch, inner) > 1:
+                _vectorize_last(sch, init)
+        else:
+            sch.parallel(spatial[0])
+        _schedule_leftovers(sch, exclude=(block,) if inner is None else (block, init))
+        return sch
+
+
+class Elementwise(_Rule):
+    """Purely spatial kernels: inline into the output, parallel outer axes, vectorise the last."""
+
+    def schedule(self, func: Any, target: Any) -> Any:
+        from tvm import s_tir
+
+        sch = s_tir.Schedule(func)
+        if any(_is_reduction(sch, b) for b in _root_blocks(sch)):
+            return None
+        _inline_injective(sch, keep=())
+        _schedule_leftovers(sch, exclude=())
+        return sch
+
+
+def _schedule_leftovers(sch: Any, exclude: tuple) -> None:
+    """Parallelise and vectorise the spatial root blocks not scheduled yet (pad, write-backs)."""
+    excluded = {sch.get(b).name_hint for b in exclude}
+    for block in _root_blocks(sch):
+        if sch.get(block).name_hint in excluded or _is_reduction(sch, block):
+            continue
+        loops = sch.get_loops(block)
+        if not loops or any(k != "S" for k in _iter_kinds(sch, block)):
+            continue
+        if len(loops) == 1:
+            sch.parallel(loops[0])
+            continue
+        sch.parallel(_fuse_for_parallel(sch, loops[:-1]))
+        if _extent(sch, loops[-1]) in (4, 8, 16, 32, 64):
+            sch.vectorize(loops[-1])
+
+
+def _fuse_for_parallel(sch: Any, loops: list) -> Any:
+    """Fuse leading loops until they give MIN_PARALLEL iterations (fusing all of them at most)."""
+    count, total = 0, 1
+    for loop in loops:
+        count += 1
+        total *= _extent(sch, loop)
+        if total >= MIN_PARALLEL:
+            break
+    return sch.fuse(*loops[:count]) if count > 1 else loops[0]
+
+
+def _inline_injective(sch: Any, keep: tuple) -> None:
+    """Inline every spatial block that can be (not `keep`, not the pad, not outputs)."""
+    kept = {sch.get(b).name_hint for b in keep}
+    for block in reversed(_root_blocks(sch)):
+        name = sch.get(block).name_hint
+        if name in kept or name.startswith(PAD_BLOCK) or _is_reduction(sch, block):
+            continue
+        try:
+            sch.compute_inline(block)
+        except Exception:  # an output block, or one read with overlapping windows
+            continue
+
+
+def _root_blocks(sch: Any) -> list:
+    return list(sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def _find_block(sch: Any, prefixes: tuple[str, ...]) -> Any | None:
+    for block in _root_blocks(sch):
+        if sch.get(block).name_hint.startswith(prefixes):
+            return block
+    return None
+
+
+def _iter_kinds(sch: Any, block: Any) -> list[str]:
+    from tvm import tirx
+
+    return ["S" if iv.iter_type == tirx.IterVar.DataPar else "R" for iv in sch.get(block).iter_vars]
+
+
+def _is_reduction(sch: Any, block: Any) -> bool:
+    return "R" in _iter_kinds(sch, block)
+
+
+def _extent(sch: Any, loop: Any) -> int:
+    return int(sch.get(loop).extent)
