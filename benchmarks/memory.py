@@ -58,7 +58,7 @@ def main() -> None:
                   file=sys.stderr)
             os.remove(calib)
     print(f"YOLOv8n, --passes {args.passes}, target none, {os.cpu_count()} cores, "
-          f"ru_maxrss of each child (resource {resource.__name__})")
+          "ru_maxrss of each child")
     print(table(["images", "calibration MiB", "peak RSS MiB", "peak minus calibration", "seconds"], rows))
 
 

@@ -41,3 +41,21 @@ def test_user_pass_does_not_hide_the_builtins():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_third_party_pass_registers_through_the_entry_point(tmp_path):
+    site = tmp_path / "site"
+    (site / "myplugin-0.1.dist-info").mkdir(parents=True)
+    (site / "myplugin-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: myplugin\nVersion: 0.1\n")
+    (site / "myplugin-0.1.dist-info" / "entry_points.txt").write_text("[rewriter.passes]\nmine = myplugin\n")
+    (site / "myplugin.py").write_text(
+        "from rewriter.registry import register_pass\n"
+        "@register_pass('mine')\n"
+        "class Mine:\n"
+        "    def run(self, model, ctx): ...\n")
+    code = "from rewriter.registry import available_passes; print(','.join(available_passes()))"
+    env = dict(os.environ, PYTHONPATH=str(site))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    names = done.stdout.strip().split(",")
+    assert "mine" in names and "svd" in names
