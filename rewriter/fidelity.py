@@ -159,7 +159,7 @@ def _drop(figures: dict) -> float:
         drops.append(1.0 - figures["top1_agreement"])
     if "accuracy_after" in figures:
         drops.append(figures["accuracy_before"] - figures["accuracy_after"])
-    return max(0.0, *drops)
+    return min(1.0, max(0.0, *drops))  # an anti-correlated channel (cosine < 0) is lost, not more than lost
 
 
 def compare(
