@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from rewriter.channels import Atom, ChannelGraph, node_label
+from rewriter.channels import Atom, ChannelGraph, node_label, subgraph_reads
 from rewriter.graph import attributes, unique_name
 
 
@@ -180,6 +180,7 @@ SLICERS: dict[str, Callable[[Surgery, onnx.NodeProto], None]] = {
 
 def drop_unused_initializers(model: onnx.ModelProto) -> None:
     used = {name for node in model.graph.node for name in node.input}
+    used |= set().union(*(subgraph_reads(node) for node in model.graph.node))  # If/Loop bodies read outer names
     keep = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)

@@ -1,0 +1,281 @@
+"""`prune`: channel pruning by LASSO selection and least-squares reconstruction (He, Zhang, Sun, ICCV 2017).
+
+Channels are removed a dependency group at a time (rewriter.channels): a layer's output channels together
+with every tensor and layer they reach through element-wise ops, residual sums, Concat/Split and depthwise
+convolutions. For each group the channels to keep are chosen by LASSO on their contributions to the outputs of
+*all* the layers that read them, sampled at a few positions per calibration image; `criterion=l1` keeps the
+largest weight magnitudes instead (the common baseline). The chosen channels leave the producers (weights,
+bias, BatchNormalization), every member and the consumers at once. Then each consumer is refitted by ridge
+least squares, layer by layer in graph order, so that from the inputs of the already-pruned model it
+reproduces the original model's outputs (earlier errors are corrected, not accumulated); the ridge is chosen
+on held-out calibration images and may be "none" when a refit would overfit.
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+import numpy as np
+import onnx
+
+from rewriter.channels import ChannelGraph, ChannelGroup, build_channel_graph, node_label
+from rewriter.errors import UsageError
+from rewriter.graph import GraphView
+from rewriter.metrics import count_macs
+from rewriter.pass_api import PassContext, PassResult
+from rewriter.progress import progress
+from rewriter.registry import register_pass
+
+from ._prune_fit import Moments, contributions, lasso_select, magnitude_select, ridge_refit
+from ._prune_layers import Consumer, find_consumer, has_bias_slot, sample_positions, weight_matrix, write_weights
+from ._prune_surgery import remove_atoms
+
+NEEDS_DATA = "LASSO selection and the least-squares refit read activations; or --opt prune.criterion=l1"
+PAIRS_PER_CONSUMER = 6000  # (row, output) entries each consumer adds to the LASSO problem
+REFIT_POSITIONS = 256  # input rows taken per image for the refit
+
+
+def _rows_needed(k: int) -> int:
+    return max(8 * k, 4096)
+
+
+@register_pass("prune")
+class PrunePass:
+    """Remove whole channels from Conv/Gemm/MatMul layers and everything coupled to them."""
+
+    name = "prune"
+
+    def __init__(
+        self,
+        *,
+        ratio: float = 0.3,
+        criterion: str = "lasso",
+        refit: bool = True,
+        skip: str = "",
+        min_channels: int = 1,
+        round_to: int = 1,
+        positions: int = 16,
+    ) -> None:
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+        if criterion not in ("lasso", "l1"):
+            raise ValueError(f"criterion must be 'lasso' or 'l1', got {criterion!r}")
+        if min_channels < 1 or round_to < 1 or positions < 1:
+            raise ValueError("min_channels, round_to and positions must be at least 1")
+        self.ratio, self.criterion, self.refit = ratio, criterion, refit
+        self.min_channels, self.round_to, self.positions = min_channels, round_to, positions
+        self.skip = {name.strip() for name in skip.split(",") if name.strip()}
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        cg = build_channel_graph(model)
+        records, candidates = {}, []
+        for group in cg.groups():
+            why = self._why_not(group)
+            records[group.key] = _record(group, why)
+            if why is None:
+                candidates.append(group)
+        if not candidates:
+            ctx.log("prune: no channel group can be removed safely; the model is unchanged")
+            return PassResult(model, [], {"unchanged": "no prunable channel group", "groups": records})
+        ratio = self.ratio
+        if "macs" in ctx.budget:
+            ratio = self._ratio_for_budget(model, cg, candidates, ctx.budget["macs"])
+        keeps = {g.key: self._keep(g.size, ratio) for g in candidates}
+        consumers = self._consumers(cg, candidates)
+        rows = self._selection_rows(model, consumers, ctx) if self.criterion == "lasso" else {}
+        rng = np.random.default_rng(ctx.seed)
+        removed, changed = set(), []
+        for group in candidates:
+            record = records[group.key]
+            if keeps[group.key] >= group.size:
+                record["skipped"] = f"ratio {ratio:.3f} removes no channel of {group.size}"
+                continue
+            kept, record["scoring"] = self._select(cg, group, keeps[group.key], consumers, rows, rng)
+            removed.update(a for i, unit in enumerate(group.units) if i not in set(kept) for a in unit)
+            record["size_after"] = len(kept)
+            changed.extend(m for m in group.members if m not in changed)
+        if not removed:
+            return PassResult(model, [], {"unchanged": "no channel removed at this ratio", "groups": records})
+        pruned = remove_atoms(model, cg, removed)
+        refits = self._refit(model, pruned, cg, removed, consumers, ctx) if self.refit else {}
+        notes = {"ratio": ratio, "criterion": self.criterion, "refit": self.refit,
+                 "channels_removed": len(removed), "groups": records, "refits": refits}
+        return PassResult(pruned, changed, notes)
+
+    def _why_not(self, group: ChannelGroup) -> str | None:
+        if group.blocked:
+            return f"blocked: {group.blocked}"
+        if not group.producers:
+            return "no layer produces these channels"
+        named = sorted(self.skip.intersection(group.members))
+        if named:
+            return f"named in prune.skip ({', '.join(named)})"
+        if group.size <= self.min_channels:
+            return f"{group.size} channel(s), not above prune.min_channels={self.min_channels}"
+        return None
+
+    def _keep(self, size: int, ratio: float) -> int:
+        keep = size - int(round(ratio * size))
+        if self.round_to > 1:
+            keep = max(self.round_to, int(round(keep / self.round_to)) * self.round_to)
+        return min(size, max(keep, self.min_channels))
+
+    def _consumers(self, cg: ChannelGraph, groups: list[ChannelGroup]) -> dict[str, Consumer]:
+        nodes = {node_label(n): n for n in cg.view.graph.node}
+        found = {}
+        for label in {c for g in groups for c in g.consumers}:
+            consumer = find_consumer(cg.view, nodes[label])
+            if consumer is not None:
+                found[label] = consumer
+        return found
+
+    def _selection_rows(self, model: onnx.ModelProto, consumers: dict[str, Consumer], ctx) -> dict[str, np.ndarray]:
+        """Input rows of every consumer in the original model, a few random positions per image."""
+        if not consumers:
+            return {}
+        ctx.require_data("prune", NEEDS_DATA)
+        rng = np.random.default_rng(ctx.seed)
+        parts: dict[str, list[np.ndarray]] = {label: [] for label in consumers}
+
+        def update(values: dict[str, np.ndarray]) -> None:
+            for label, consumer in consumers.items():
+                x = consumer.rows(values[consumer.input])
+                parts[label].append(x[sample_positions(len(x), self.positions, rng)].astype(np.float32))
+
+        names = sorted({c.input for c in consumers.values()})
+        ctx.reduce(model, names, update, desc="prune: consumer inputs")
+        return {label: np.concatenate(p) for label, p in parts.items()}
+
+    def _select(self, cg, group, keep, consumers, rows, rng) -> tuple[np.ndarray, str]:
+        modelled = [consumers[c] for c in group.consumers if c in consumers and c in rows]
+        if self.criterion == "l1" or not modelled:
+            why = "l1 weight magnitude of the producers"
+            return magnitude_select(_magnitudes(cg, group), keep), why if self.criterion == "l1" else (
+                why + " (no consumer LASSO can model)")
+        zs, ys = [], []
+        for consumer in modelled:
+            node = next(n for n in cg.view.graph.node if node_label(n) == consumer.label)
+            w, _ = weight_matrix(cg.view, node)
+            columns = [consumer.columns(cg.positions(consumer.input, unit)) for unit in group.units]
+            z, y = contributions(rows[consumer.label], w, columns, PAIRS_PER_CONSUMER, rng)
+            scale = max(float(np.sqrt(np.mean(y**2))), 1e-12)  # every consumer weighs the same
+            zs.append(z / scale)
+            ys.append(y / scale)
+        kept, _ = lasso_select(np.concatenate(zs), np.concatenate(ys), keep)
+        return kept, f"lasso over {len(modelled)} consumer(s): {', '.join(c.label for c in modelled)}"
+
+    def _refit(self, original, pruned, cg, removed, consumers, ctx) -> dict:
+        """Refit every consumer that lost input channels, wave by wave in graph order."""
+        todo = [c for c in consumers.values() if len(cg.kept_positions(c.input, removed)) < len(
+            cg.tensors[c.input].atoms)]
+        if not todo:
+            return {}
+        ctx.require_data("prune", NEEDS_DATA)
+        results = {}
+        for wave in progress(_waves(original, todo), desc="prune: refits"):
+            results.update(self._refit_wave(original, pruned, cg, removed, wave, ctx))
+        return results
+
+    def _refit_wave(self, original, pruned, cg, removed, wave: list[Consumer], ctx) -> dict:
+        view = GraphView(pruned)
+        nodes = {node_label(n): n for n in pruned.graph.node}
+        starts, moments, outs = {}, {}, {}
+        for c in wave:
+            w, bias = weight_matrix(view, nodes[c.label])
+            if has_bias_slot(nodes[c.label]):
+                w = np.vstack([w, np.zeros((1, w.shape[1])) if bias is None else bias[None]])
+            starts[c.label] = w
+            moments[c.label] = Moments(*w.shape)
+            kept = cg.kept_positions(c.output, removed)
+            outs[c.label] = np.arange(w.shape[1]) if kept is None else np.asarray(kept)
+        rng = np.random.default_rng(ctx.seed + 1)
+        seen = [0]
+
+        def update(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> bool:
+            held = seen[0] % 4 == 3
+            seen[0] += 1
+            for c in wave:
+                m = moments[c.label]
+                x, y = c.rows(after[c.input]), c.targets(before[c.output])[:, outs[c.label]]
+                pick = sample_positions(len(x), REFIT_POSITIONS, rng)
+                x = x[pick] if m.k == x.shape[1] else np.hstack([x[pick], np.ones((len(pick), 1))])
+                m.add(x, y[pick], held)
+            return all(sum(m.rows) >= _rows_needed(m.k) for m in moments.values()) and seen[0] >= 8
+
+        ctx.reduce_pair(original, pruned, sorted({c.output for c in wave}), update,
+                        after_names=sorted({c.input for c in wave}))
+        results = {}
+        for c in wave:
+            w, info = ridge_refit(moments[c.label], starts[c.label])
+            node = nodes[c.label]
+            if has_bias_slot(node):
+                write_weights(pruned, node, w[:-1], w[-1])
+            else:
+                write_weights(pruned, node, w, None)
+            results[c.label] = info
+        return results
+
+    def _ratio_for_budget(self, model, cg, groups, budget: float) -> float:
+        """The smallest ratio whose removal brings MACs to `budget` x the model's (channel counts only matter)."""
+        total = count_macs(model)
+
+        def macs_at(ratio: float) -> int:
+            removed = {a for g in groups for unit in g.units[self._keep(g.size, ratio):] for a in unit}
+            return count_macs(remove_atoms(model, cg, removed)) if removed else total
+
+        high = 0.95
+        if macs_at(high) > budget * total:
+            raise UsageError(f"prune cannot reach --budget macs={budget}: at ratio {high} the model keeps "
+                             f"{macs_at(high) / max(total, 1):.3f} of its MACs (blocked groups and layers it "
+                             "leaves alone)")
+        low = 0.0
+        for _ in range(14):
+            mid = (low + high) / 2
+            low, high = (low, mid) if macs_at(mid) <= budget * total else (mid, high)
+        return high
+
+
+def _record(group: ChannelGroup, why: str | None) -> dict:
+    record = {"members": group.members, "producers": group.producers, "consumers": group.consumers,
+              "size_before": group.size, "size_after": group.size}
+    if why is not None:
+        record["skipped"] = why
+    return record
+
+
+def _magnitudes(cg: ChannelGraph, group: ChannelGroup) -> np.ndarray:
+    """Per unit: the L1 norm of its producers' output weights, each producer normalised by its mean."""
+    scores = np.zeros(group.size)
+    nodes = {node_label(n): n for n in cg.view.graph.node}
+    for label in group.producers:
+        node = nodes[label]
+        w = cg.view.constant(node.input[1])
+        if node.op_type == "ConvTranspose":
+            w = np.moveaxis(w, 1, 0)
+        elif node.op_type == "MatMul" or (node.op_type == "Gemm" and not _trans_b(node)):
+            w = w.T
+        per_out = np.abs(w.reshape(len(w), -1)).sum(axis=1)
+        units = [np.mean(per_out[cg.positions(node.output[0], u)]) for u in group.units]
+        scores += np.asarray(units) / max(float(np.mean(per_out)), 1e-12)
+    return scores
+
+
+def _trans_b(node: onnx.NodeProto) -> bool:
+    return any(a.name == "transB" and a.i for a in node.attribute)
+
+
+def _waves(model: onnx.ModelProto, consumers: list[Consumer]) -> list[list[Consumer]]:
+    """Consumers by depth among themselves: none in a wave feeds another, and each wave sees earlier refits."""
+    graph = nx.DiGraph()
+    producers = {out: node.output[0] for node in model.graph.node for out in node.output if out}
+    for node in model.graph.node:
+        graph.add_node(node.output[0])
+        graph.add_edges_from((producers[name], node.output[0]) for name in node.input if name in producers)
+    keys = {c.output: c for c in consumers}
+    depth: dict[str, int] = {}
+    for key in nx.topological_sort(graph):
+        if key in keys:
+            depth[key] = 1 + max((depth[a] for a in nx.ancestors(graph, key) if a in depth), default=-1)
+    waves: dict[int, list[Consumer]] = {}
+    for key, consumer in keys.items():
+        waves.setdefault(depth[key], []).append(consumer)
+    return [waves[d] for d in sorted(waves)]
