@@ -126,14 +126,19 @@ def fuse_pipeline() -> Any:
     import tvm
     from tvm import relax
 
+    from rewriter.targets.schedules import layout_pipeline
+
+    target = tvm.target.Target.current(allow_none=True)
+    # CPU: convolutions go to a blocked channel layout before fusion (schedules.py).
+    layout = [layout_pipeline(target)] if target is not None and target.kind.name == "llvm" else []
     return tvm.transform.Sequential(
-        [relax.transform.ConvertToDataflow(min_size=1), relax.get_pipeline("zero")],
+        [relax.transform.ConvertToDataflow(min_size=1), *layout, relax.get_pipeline("zero")],
         name="rewriter_fuse",
     )
 
 
 def schedule_pipeline(target: Any, database: Any | None = None) -> Any:
-    """Apply tuning records (if any), then dlight default schedules on GPU targets.
+    """Apply tuning records (if any), then rule-based default schedules (CPU rules or dlight on GPU).
 
     Without dlight, a GPU build succeeds but compiles every kernel as host code.
     """
@@ -141,9 +146,13 @@ def schedule_pipeline(target: Any, database: Any | None = None) -> Any:
     from tvm import relax
     from tvm.s_tir import dlight as dl
 
+    from rewriter.targets.schedule_rules import cpu_rules
+
     passes = []
     if database is not None:
         passes.append(relax.transform.MetaScheduleApplyDatabase(enable_warning=False))
+    if target.kind.name == "llvm":  # kernels without a tuning record get our rule-based schedules
+        passes.append(dl.ApplyDefaultSchedule(*cpu_rules(target)))
     if "gpu" in [str(key) for key in target.keys]:
         passes.append(
             dl.ApplyDefaultSchedule(
