@@ -18,7 +18,7 @@ import onnx
 
 from rewriter.canonical import graph_inputs
 from rewriter.errors import ModelError, RewriterError, UsageError
-from rewriter.targets import control_flow, cuda_offline, tuning
+from rewriter.targets import control_flow, cuda_offline, recurrent, tuning
 from rewriter.targets.presets import TargetSpec, describe, export_compiler, make_tvm_target, one_line
 
 Log = Callable[[str], None]
@@ -111,6 +111,8 @@ def import_onnx(model: onnx.ModelProto) -> Any:
     from tvm.relax.frontend.onnx import from_onnx
 
     shapes, dtypes = static_inputs(model)
+    if recurrent.has_recurrent(model):  # TVM's importer has no LSTM/GRU: unroll them over the static sequence
+        model = recurrent.unroll_recurrent(model)
     if control_flow.has_control_flow(model):  # If nodes stay relax.If, around segments that fuse on their own
         return _guard("TVM cannot import the model",
                       lambda: control_flow.import_with_control_flow(model, shapes, dtypes))
