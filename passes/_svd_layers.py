@@ -55,8 +55,10 @@ class Layer:
 
 def find_layer(view: GraphView, node: onnx.NodeProto, conv_mode: str) -> Layer | str:
     """A Layer to split, or the reason the node is left alone."""
-    if len(node.input) < 2 or not view.is_initializer(node.input[1]):
+    if len(node.input) < 2:
         return "weight is not a constant"
+    if (problem := view.weight_problem(node.input[1])) is not None:
+        return problem
     weight = view.constant(node.input[1])
     if weight.dtype.type not in FLOATS:
         return f"weight dtype {weight.dtype} is not float"

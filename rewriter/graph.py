@@ -69,6 +69,17 @@ class GraphView:
             return None
         return [int(d) for d in shape]
 
+    def weight_problem(self, name: str) -> str | None:
+        """Why a layer's weight input cannot be rewritten (None when it is a plain constant).
+
+        Pre-quantised models feed weights through DequantizeLinear: passes leave those layers alone."""
+        if self.is_initializer(name):
+            return None
+        producer = self.producer(name)
+        if producer is not None and producer.op_type == "DequantizeLinear":
+            return "quantised layer (weight from DequantizeLinear): left as the model's quantiser made it"
+        return "weight is not a constant"
+
     def is_graph_output(self, name: str) -> bool:
         return any(o.name == name for o in self.graph.output)
 
