@@ -272,38 +272,47 @@ def _shape_const(model: onnx.ModelProto, base: str, shape) -> str:
     return add_initializer(model, base, np.asarray(shape, dtype=np.int64), np.int64)
 
 
+def short_base(model: onnx.ModelProto, tag: str) -> str:
+    """A short unused prefix like 'pq.7': decoder tensor names repeat in the file, so they stay brief."""
+    taken = {t.name.rsplit(".", 1)[0] for t in model.graph.initializer if t.name.startswith(tag + ".")}
+    i = 0
+    while f"{tag}.{i}" in taken:
+        i += 1
+    return f"{tag}.{i}"
+
+
 def _layout_nodes(model: onnx.ModelProto, layer: WeightLayer, src: str, base: str) -> tuple[list, str]:
     """Reshape an output-major (N, ...) tensor to the weight's own layout (Transpose for K x N weights)."""
     n = layer.matrix.shape[0]
     shape = (n, layer.matrix.shape[1]) if layer.kind == "cols" else layer.weight.shape
-    out = unique_name(model, f"{base}_dense")
-    nodes = [helper.make_node("Reshape", [src, _shape_const(model, f"{base}_shape", shape)], [out],
-                              name=unique_name(model, f"{base}_reshape"))]
+    out = unique_name(model, f"{base}.dense")
+    nodes = [helper.make_node("Reshape", [src, _shape_const(model, f"{base}.shape", shape)], [out],
+                              name=unique_name(model, f"{base}.reshape"))]
     if layer.kind == "cols":
-        t = unique_name(model, f"{base}_t")
-        nodes.append(helper.make_node("Transpose", [out], [t], name=unique_name(model, f"{base}_transpose"),
+        t = unique_name(model, f"{base}.t")
+        nodes.append(helper.make_node("Transpose", [out], [t], name=unique_name(model, f"{base}.transpose"),
                                       perm=[1, 0]))
         out = t
     return nodes, out
 
 
 def _cast_to(model: onnx.ModelProto, src: str, dtype: np.dtype, base: str) -> tuple[list, str]:
-    out = unique_name(model, f"{base}_weight")
+    out = unique_name(model, f"{base}.weight")
     to = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    return [helper.make_node("Cast", [src], [out], name=unique_name(model, f"{base}_cast"), to=to)], out
+    return [helper.make_node("Cast", [src], [out], name=unique_name(model, f"{base}.cast"), to=to)], out
 
 
 def pq_decoder(
     model: onnx.ModelProto, layer: WeightLayer, codebook: np.ndarray, codes: np.ndarray, book_dtype: np.dtype
 ) -> tuple[list, str]:
     """codebook (k, d) + uint8 codes (N, J) -> Gather -> Reshape (-> Transpose) -> Cast -> dense weight."""
-    base = f"{layer.node.name or layer.node.output[0]}_pq"
-    book = add_initializer(model, f"{base}_codebook", codebook, book_dtype)
-    code = add_initializer(model, f"{base}_codes", codes, np.uint8)
-    index, gathered = unique_name(model, f"{base}_index"), unique_name(model, f"{base}_gathered")
-    nodes = [helper.make_node("Cast", [code], [index], name=unique_name(model, f"{base}_index_cast"),
+    base = short_base(model, "pq")
+    book = add_initializer(model, f"{base}.codebook", codebook, book_dtype)
+    code = add_initializer(model, f"{base}.codes", codes, np.uint8)
+    index, gathered = unique_name(model, f"{base}.index"), unique_name(model, f"{base}.gathered")
+    nodes = [helper.make_node("Cast", [code], [index], name=unique_name(model, f"{base}.index_cast"),
                               to=TensorProto.INT32),
-             helper.make_node("Gather", [book, index], [gathered], name=unique_name(model, f"{base}_gather"),
+             helper.make_node("Gather", [book, index], [gathered], name=unique_name(model, f"{base}.gather"),
                               axis=0)]
     layout, out = _layout_nodes(model, layer, gathered, base)
     nodes += layout
@@ -315,8 +324,8 @@ def pq_decoder(
 
 def dense_decoder(model: onnx.ModelProto, layer: WeightLayer, dtype: np.dtype) -> tuple[list, str]:
     """The weight stored in `dtype` (float16) and cast back to its own dtype in the graph."""
-    base = f"{layer.node.name or layer.node.output[0]}_fp16"
-    stored = add_initializer(model, f"{base}_stored", layer.weight, dtype)
+    base = short_base(model, "fp16")
+    stored = add_initializer(model, f"{base}.stored", layer.weight, dtype)
     return _cast_to(model, stored, layer.weight.dtype, base)
 
 
@@ -326,39 +335,39 @@ def binary_decoder(
     """Bit-packed signs (N, m, K) and alpha (N, m) -> W[n] = sum_i alpha[n, i] * s[n, i], with standard ops:
     BitShift + Mod unpack the bits, Mul/Sub map {0, 1} to {-1, +1}, a batched MatMul weighs the bases."""
     n, m, k = signs.shape
-    base = f"{layer.node.name or layer.node.output[0]}_bin"
+    base = short_base(model, "bin")
     total = n * m * k
     packed = np.packbits((signs > 0).ravel().astype(np.uint8)).reshape(-1, 1)
-    bits = add_initializer(model, f"{base}_bits", packed, np.uint8)
-    shifts = add_initializer(model, f"{base}_shifts", np.arange(7, -1, -1, dtype=np.uint8), np.uint8)
-    two = add_initializer(model, f"{base}_two", np.array(2, dtype=np.uint8), np.uint8)
-    fconst = {v: add_initializer(model, f"{base}_{v}", np.array(float(v), dtype=layer.weight.dtype),
+    bits = add_initializer(model, f"{base}.bits", packed, np.uint8)
+    shifts = add_initializer(model, f"{base}.shifts", np.arange(7, -1, -1, dtype=np.uint8), np.uint8)
+    two = add_initializer(model, f"{base}.two", np.array(2, dtype=np.uint8), np.uint8)
+    fconst = {v: add_initializer(model, f"{base}.{v}", np.array(float(v), dtype=layer.weight.dtype),
                                  layer.weight.dtype) for v in (1, 2)}
-    scale = add_initializer(model, f"{base}_alpha", alpha.reshape(n, 1, m), layer.weight.dtype)
-    names = {t: unique_name(model, f"{base}_{t}") for t in ("shifted", "bit", "float", "flat", "signs",
+    scale = add_initializer(model, f"{base}.alpha", alpha.reshape(n, 1, m), layer.weight.dtype)
+    names = {t: unique_name(model, f"{base}.{t}") for t in ("shifted", "bit", "float", "flat", "signs",
                                                             "double", "pm", "weighted")}
-    shape = _shape_const(model, f"{base}_flat_shape", [len(packed) * 8])
+    shape = _shape_const(model, f"{base}.flat_shape", [len(packed) * 8])
     nodes = [
         helper.make_node("BitShift", [bits, shifts], [names["shifted"]], direction="RIGHT",
-                         name=unique_name(model, f"{base}_bitshift")),
-        helper.make_node("Mod", [names["shifted"], two], [names["bit"]], name=unique_name(model, f"{base}_mod")),
-        helper.make_node("Cast", [names["bit"]], [names["float"]], name=unique_name(model, f"{base}_cast_bits"),
+                         name=unique_name(model, f"{base}.bitshift")),
+        helper.make_node("Mod", [names["shifted"], two], [names["bit"]], name=unique_name(model, f"{base}.mod")),
+        helper.make_node("Cast", [names["bit"]], [names["float"]], name=unique_name(model, f"{base}.cast_bits"),
                          to=helper.np_dtype_to_tensor_dtype(layer.weight.dtype)),
-        helper.make_node("Reshape", [names["float"], shape], [names["flat"]], name=unique_name(model, f"{base}_r1")),
+        helper.make_node("Reshape", [names["float"], shape], [names["flat"]], name=unique_name(model, f"{base}.r1")),
     ]
     flat = names["flat"]
     if total != len(packed) * 8:
-        starts, ends = (_shape_const(model, f"{base}_{t}", [v]) for t, v in (("start", 0), ("end", total)))
-        flat = unique_name(model, f"{base}_trimmed")
+        starts, ends = (_shape_const(model, f"{base}.{t}", [v]) for t, v in (("start", 0), ("end", total)))
+        flat = unique_name(model, f"{base}.trimmed")
         nodes.append(helper.make_node("Slice", [names["flat"], starts, ends], [flat],
-                                      name=unique_name(model, f"{base}_slice")))
+                                      name=unique_name(model, f"{base}.slice")))
     nodes += [
-        helper.make_node("Reshape", [flat, _shape_const(model, f"{base}_nmk", [n, m, k])], [names["signs"]],
-                         name=unique_name(model, f"{base}_r2")),
-        helper.make_node("Mul", [names["signs"], fconst[2]], [names["double"]], name=unique_name(model, f"{base}_mul")),
-        helper.make_node("Sub", [names["double"], fconst[1]], [names["pm"]], name=unique_name(model, f"{base}_sub")),
+        helper.make_node("Reshape", [flat, _shape_const(model, f"{base}.nmk", [n, m, k])], [names["signs"]],
+                         name=unique_name(model, f"{base}.r2")),
+        helper.make_node("Mul", [names["signs"], fconst[2]], [names["double"]], name=unique_name(model, f"{base}.mul")),
+        helper.make_node("Sub", [names["double"], fconst[1]], [names["pm"]], name=unique_name(model, f"{base}.sub")),
         helper.make_node("MatMul", [scale, names["pm"]], [names["weighted"]],
-                         name=unique_name(model, f"{base}_matmul")),
+                         name=unique_name(model, f"{base}.matmul")),
     ]
     layout, out = _layout_nodes(model, layer, names["weighted"], base)
     return nodes + layout, out

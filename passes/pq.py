@@ -6,9 +6,11 @@ block of `block` consecutive input channels for 1 x 1 convs and Gemm/MatMul. k c
 learnt by EM on the layer's *output* error over calibration inputs: the E-step assigns each sub-vector to
 the centroid that least changes the output (distance weighted by its input block's Gram matrix), the
 M-step solves each centroid by least squares on those activations, and empty clusters are re-seeded by
-splitting the most populated one. EM starts from plain k-means on the weights. Layers are quantised in
-graph order with inputs taken from the model quantised so far, and each layer's target is the weight that
-maps those inputs onto the original layer's outputs, so earlier errors are corrected rather than stacked.
+splitting the most populated one. A small layer gets fewer centroids (its codebook may take at most
+`book_share` of its dense float16 bytes), so that its codes still pay. EM starts from plain k-means on
+the weights. Layers are quantised in graph order with inputs taken from the model quantised so far, and
+each layer's target is the weight that maps those inputs onto the original layer's outputs, so earlier
+errors are corrected rather than stacked.
 
 In the graph: a float16 codebook and uint8 codes -> Gather -> Reshape (-> Transpose) -> Cast feed the
 layer's weight input. Layers whose codes would not be smaller stay dense (float16 plus a Cast).
@@ -42,6 +44,7 @@ from ._weight_codes import (
     weight_bytes,
 )
 
+MIN_K = 16  # a layer shrunk below this many centroids loses too much: it stays dense
 BOOK_DTYPES = {"float16": np.float16, "float32": np.float32}
 NEEDS_DATA = "the codebooks are fitted to each layer's outputs; or --opt pq.data_aware=false for plain k-means"
 
@@ -80,6 +83,7 @@ class PqPass:
         codebook_dtype: str = "float16",
         dense_fp16: bool = True,
         iters: int = 25,
+        book_share: float = 0.25,
         data_aware: bool = True,
         skip: str = "",
     ) -> None:
@@ -91,7 +95,10 @@ class PqPass:
             raise ValueError(f"codebook_dtype must be one of {sorted(BOOK_DTYPES)}, got {codebook_dtype!r}")
         if iters < 0:
             raise ValueError(f"iters must be >= 0, got {iters}")
+        if not 0.0 < book_share <= 1.0:
+            raise ValueError(f"book_share must be in (0, 1], got {book_share}")
         self.k, self.block, self.book_dtype = k, block, np.dtype(BOOK_DTYPES[codebook_dtype])
+        self.book_share = book_share
         self.dense_fp16, self.iters, self.data_aware = dense_fp16, iters, data_aware
         self.skip = {s.strip() for s in skip.split(",") if s.strip()}
 
@@ -140,12 +147,16 @@ class PqPass:
         dense_dtype = np.dtype(np.float16) if self.dense_fp16 and own.itemsize > 2 else own
         dense = n * kg * dense_dtype.itemsize
         subs = n * kg // d
-        k = min(self.k, subs)
+        # A small layer gets fewer centroids: its codebook may take at most book_share of its dense bytes.
+        fits = int(self.book_share * dense // (d * self.book_dtype.itemsize))
+        k = min(self.k, subs, 1 << max(fits, 1).bit_length() - 1)
         coded = k * d * self.book_dtype.itemsize + subs
         plan = {"weights": n * kg, "d": d, "k": k, "dense_dtype": dense_dtype, "bytes_before": layer.weight.nbytes}
-        if d < 2 or coded >= dense:
+        floor = min(MIN_K, self.k)
+        if d < 2 or k < floor or coded >= dense:
             plan["form"] = "dense_fp16" if dense_dtype != layer.weight.dtype else "dense"
-            plan["why"] = "sub-vectors of one weight" if d < 2 else f"codes ({coded} B) not smaller than dense"
+            plan["why"] = ("sub-vectors of one weight" if d < 2 else f"fewer than {floor} centroids would fit"
+                           if k < floor else f"codes ({coded} B) not smaller than dense")
         else:
             plan["form"] = "pq"
         return plan

@@ -18,7 +18,7 @@ import onnx
 
 from rewriter.canonical import graph_inputs
 from rewriter.errors import ModelError, RewriterError, UsageError
-from rewriter.targets import control_flow, cuda_offline, recurrent, tuning
+from rewriter.targets import control_flow, cuda_offline, lift, recurrent, tuning
 from rewriter.targets.presets import TargetSpec, describe, export_compiler, make_tvm_target, one_line
 
 Log = Callable[[str], None]
@@ -82,7 +82,10 @@ def lower_and_export(
     """Lower, compile and export in this process; True when tuning records were applied."""
     target = make_tvm_target(spec)
     with target:
-        fused = _guard("TVM cannot lower the model", lambda: fuse_pipeline()(import_onnx(model)))
+        # Compact weights (pq codes, packed signs) enter as inputs so folding cannot expand them, then bind back.
+        compact, arrays = lift.split_compact(model)
+        fused = _guard("TVM cannot lower the model",
+                       lambda: lift.bind_compact(fuse_pipeline()(import_onnx(compact)), arrays))
     with _tuning_dir(tuning_db, tune_trials) as work_dir:
         database = _database(fused, target, tune_trials, work_dir, log)
         executable = _guard("TVM cannot compile the model", lambda: _compile(fused, target, database))

@@ -75,7 +75,7 @@ def test_conv_bits_are_packed_and_trimmed():
     model = canonicalize(model, {"x": [1, 3, 12, 12]})
     result = BinaryPass(include_first_last=True, bases=2).run(model, _context([3, 12, 12], n=8))
     new = checked(result.model, "binary")
-    packed = {t.name: t for t in new.graph.initializer if t.name.endswith("_bits")}
+    packed = {t.name: t for t in new.graph.initializer if t.name.endswith(".bits")}
     assert sorted(math.prod(t.dims) for t in packed.values()) == [math.ceil(135 * 2 / 8), math.ceil(315 * 2 / 8)]
     assert all(t.data_type == onnx.TensorProto.UINT8 for t in packed.values())
     assert op_counts(new)["Slice"] == 2
