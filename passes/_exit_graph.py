@@ -77,6 +77,7 @@ class _Builder:
         self.answer = answer
         self.dtype = helper.tensor_dtype_to_np_dtype(answer.dtype)
         self.initializers: list[onnx.TensorProto] = []
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
     def const(self, base: str, value: np.ndarray) -> str:
         name = self.names(base)
@@ -104,8 +105,9 @@ def _head_nodes(b: _Builder, k: int, spec: ExitSpec, criterion: str, done: str |
         axis = {} if b.answer.finish == "Sigmoid" else {"axis": 1}
         early = b.node(out, b.answer.finish, [logits], p + "answer", **axis)
     conf = _confidence_nodes(b, p, logits, criterion, spec.weight.shape[1], out)
-    mask = b.node(out, "GreaterOrEqual", [conf, b.const(p + "threshold", np.array(spec.threshold, b.dtype))],
-                  p + "confident")
+    # not (conf < threshold): GreaterOrEqual needs opset 12, exporters still write opset 11 models
+    below = b.node(out, "Less", [conf, b.const(p + "threshold", np.array(spec.threshold, b.dtype))], p + "below")
+    mask = b.node(out, "Not", [below], p + "confident")
     if done is not None:
         mask_or_done = b.node(out, "Or", [done, mask], p + "done")
     else:
@@ -126,7 +128,10 @@ def _confidence_nodes(b: _Builder, p: str, logits: str, criterion: str, classes:
         neg = b.node(out, "MatMul", [plogp, scale], p + "neg_entropy")
         return b.node(out, "Add", [neg, b.const(p + "one", np.array(1.0, b.dtype))], p + "conf")
     k = 1 if criterion == "max_prob" else 2
-    top = b.node(out, "TopK", [prob, b.const(p + "k", np.array([k], np.int64))], p + "top", axis=1)
+    if b.opset >= 10:
+        top = b.node(out, "TopK", [prob, b.const(p + "k", np.array([k], np.int64))], p + "top", axis=1)
+    else:
+        top = b.node(out, "TopK", [prob], p + "top", axis=1, k=k)
     if criterion == "max_prob":
         return top
     diff = b.const(p + "diff", np.array([[1.0], [-1.0]], b.dtype))

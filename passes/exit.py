@@ -121,8 +121,11 @@ class ExitPass:
         head_macs = [f.shape[1] * scores.classes for f in features]
         keep = self._select(points, confs, agrees, head_macs, total)
         if not keep:
-            ctx.log("exit: no exit point lowers the expected MACs at this agreement; model unchanged")
-            return PassResult(model, [], {"exits": [], "candidates": [p.tensor for p in points]})
+            why = _no_exit_reason(len(logits), self.agreement)
+            ctx.log(f"exit: no exit point lowers the expected MACs at agreement {self.agreement}; model unchanged"
+                    + (f" ({why})" if why else ""))
+            return PassResult(model, [], {"exits": [], "macs_total": total, "why": why,
+                                          "candidates": [p.tensor for p in points]})
         confs, agrees = [confs[i] for i in keep], [agrees[i] for i in keep]
         thresholds = choose_thresholds(confs, agrees, self.agreement)
         costs = _costs([points[i] for i in keep], [head_macs[i] for i in keep])
@@ -137,7 +140,7 @@ class ExitPass:
         fit_stats = route(confs, agrees, thresholds)
         held = cross_validated(confs, agrees, self.agreement, folds)
         notes = self._notes(specs, costs, full, total, fit_stats, held)
-        notes["candidates"] = [p.tensor for p in points]
+        notes.update(macs_total=total, candidates=[p.tensor for p in points])
         return PassResult(new, [s.tensor for s in specs], notes)
 
     def _points(self, model: onnx.ModelProto, total: int) -> list[CutPoint]:
@@ -212,6 +215,15 @@ class ExitPass:
             "agreement_held_out": float(held.agree.mean()),
             "held_out": "each fold's samples routed by thresholds chosen without them (cross-validation)",
         }
+
+
+def _no_exit_reason(samples: int, agreement: float) -> str:
+    """Thresholds keep one disagreement in reserve, so certifying `agreement` needs enough samples."""
+    needed = int(np.ceil(agreement / max(1.0 - agreement, 1e-12)))
+    if samples >= needed:
+        return ""
+    return (f"with {samples} fit samples no exit can show agreement {agreement} with a disagreement in reserve; "
+            f"that needs at least {needed}: give more calibration samples or lower exit.agreement")
 
 
 def _costs(points: list[CutPoint], head_macs: list[int]) -> list[int]:

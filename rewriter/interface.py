@@ -66,10 +66,12 @@ def _free_batch_in_reshapes(model: onnx.ModelProto) -> None:
     """Reshapes whose target copies the fitted batch (folded into a constant, e.g. [1, 4, 16, 2100]) get 0 there,
     "copy the input's dim", so that the batch can open again. The batch check tells whether that sufficed."""
     view = GraphView(model)
-    for node in model.graph.node:
+    inner_shapes = _subgraph_shapes(model.graph)
+    for node in _all_nodes(model.graph):  # If branches too: a tail behind an early exit holds Reshapes
         if node.op_type != "Reshape" or len(node.input) < 2:
             continue
-        target, source = view.constant(node.input[1]), view.shape(node.input[0])
+        target = view.constant(node.input[1])
+        source = view.shape(node.input[0]) or inner_shapes.get(node.input[0])
         if target is None or target.ndim != 1 or not len(target) or not source or source[0] is None:
             continue
         if int(target[0]) == source[0] and source[0] > 0 and not attributes(node).get("allowzero", 0):
@@ -78,6 +80,27 @@ def _free_batch_in_reshapes(model: onnx.ModelProto) -> None:
             name = unique_name(model, f"{node.input[1]}_batch")
             model.graph.initializer.append(numpy_helper.from_array(freed.astype(target.dtype), name))
             node.input[1] = name
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    """Nodes of `graph` and of every subgraph inside it."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                yield from _all_nodes(sub)
+
+
+def _subgraph_shapes(graph: onnx.GraphProto) -> dict[str, list[int | None]]:
+    """Inferred shapes recorded inside subgraphs (the graph view reads the top level only)."""
+    shapes = {}
+    for node in _all_nodes(graph):
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                for value in sub.value_info:
+                    dims = value.type.tensor_type.shape.dim
+                    shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    return shapes
 
 
 def _with_dims(final: onnx.ModelProto, dims: dict[Dim, str], output_dims: dict[tuple[int, int], str]):

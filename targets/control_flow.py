@@ -41,6 +41,15 @@ def _reading(node: onnx.NodeProto, renamed: dict[str, str]) -> onnx.NodeProto:
     return copy
 
 
+def _type_outputs(model: onnx.ModelProto) -> None:
+    """Give the segment's outputs their inferred types (the importer wants typed outputs)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    known = {v.name: v for v in inferred.graph.value_info}
+    for i, output in enumerate(model.graph.output):
+        if output.name in known:
+            model.graph.output[i].CopyFrom(known[output.name])
+
+
 class _Importer:
     """Builds `main` with a BlockBuilder: segment calls and relax.If, scope by scope."""
 
@@ -94,8 +103,8 @@ class _Importer:
         )
         part = helper.make_model(graph, opset_imports=list(self.model.opset_import))
         part.ir_version = self.model.ir_version
-        func = from_onnx(part, shape_dict=shapes, dtype_dict=dtypes)["main"].without_attr("global_symbol")
-        callee = self.bb.add_func(func, f"segment{self.count}")
+        _type_outputs(part)
+        callee = self._add_module(from_onnx(part, shape_dict=shapes, dtype_dict=dtypes), f"segment{self.count}")
         self.count += 1
         result = self.bb.emit(relax.Call(callee, [env[n] for n in inputs]))
         if len(outputs) == 1:
@@ -103,6 +112,26 @@ class _Importer:
         else:
             for i, name in enumerate(outputs):
                 env[name] = self.bb.emit(relax.TupleGetItem(result, i))
+
+    def _add_module(self, mod: Any, name: str) -> Any:
+        """Add an imported segment's `main` as `name`, with the PrimFuncs the importer made for it
+        (renamed where another segment already has a different one of the same name)."""
+        from tvm.relax.expr_functor import PyExprMutator, mutator
+
+        renamed = {}
+        for gv, func in mod.functions_items():
+            if gv.name_hint != "main":
+                renamed[gv.name_hint] = self.bb.add_func(func, gv.name_hint)
+
+        @mutator
+        class _Swap(PyExprMutator):
+            def visit_global_var_(self, op):  # noqa: ANN001 - TVM's visitor signature
+                return renamed.get(op.name_hint, op)
+
+        func = mod["main"].without_attr("global_symbol")
+        if renamed:
+            func = _Swap().visit_expr(func)
+        return self.bb.add_func(func, name)
 
     def _if(self, node: onnx.NodeProto, env: dict[str, Any]) -> None:
         from tvm import relax

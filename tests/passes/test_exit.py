@@ -10,6 +10,7 @@ from onnx import helper
 from rewriter import rewrite
 from rewriter.cli import main
 from rewriter.dominators import cut_tensors
+from rewriter.errors import ModelError
 from rewriter.passes._exit_graph import exit_conditions, probe_model
 from rewriter.passes._exit_heads import choose_thresholds, route, threshold_for
 from rewriter.registry import available_passes
@@ -155,3 +156,43 @@ def test_x86_library_keeps_control_flow_and_matches_onnxruntime(resnet_exit, tmp
         np.testing.assert_allclose(got, run_ort(resnet_exit.model, feed)[0], rtol=1e-4, atol=1e-4)
     exits = len(resnet_exit.report["passes"][0]["notes"]["exits"])
     assert 0 in seen and exits in seen  # a sample that leaves at the first exit and one that runs the whole model
+
+
+@pytest.fixture(scope="module")
+def real():
+    import sys
+
+    sys.path.insert(0, str(SAMPLES))
+    from fetch_real_models import build_calibration, default_cache, fetch_models
+
+    cache = default_cache()
+    models, calibs = fetch_models(cache), build_calibration(cache)
+    return {name: (models[name], calibs[name]) for name in models}
+
+
+@pytest.mark.slow
+def test_mobilenetv3_direction_classifier_exits_in_onnxruntime_and_x86(real, tmp_path):
+    tvm = pytest.importorskip("tvm")
+    model, calib = real["mobilenetv3_cls"]  # opset 11, Softmax output, 64 real text-line crops
+    result = rewrite(model, passes=["exit"], calib=calib, target="x86", out_dir=tmp_path / "out",
+                     options={"exit": {"agreement": 0.9}})
+    assert result.report["passes"][0]["notes"]["exits"]
+    x = np.load(calib)["x"][:6]
+    single = np.concatenate([run_ort(result.model, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    np.testing.assert_allclose(single.sum(axis=1), 1.0, atol=1e-5)  # early answers are probabilities too
+    np.testing.assert_allclose(run_ort(result.model, {"x": x})[0], single, rtol=1e-5, atol=1e-6)
+    vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(str(result.artifacts["library"])), tvm.cpu())
+    for i in range(len(x)):
+        got = vm["main"](tvm.runtime.tensor(x[i:i + 1])).numpy()
+        np.testing.assert_allclose(got, single[i:i + 1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_detector_is_refused(real, tmp_path):
+    model, calib = real["yolov8n"]
+    with np.load(calib) as data:
+        few = {k: data[k][:4] for k in data.files}
+    out = tmp_path / "out"
+    with pytest.raises(ModelError, match="classifier"):
+        rewrite(model, passes=["exit"], calib=few, out_dir=out)
+    assert not out.exists()
