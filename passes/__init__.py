@@ -1,5 +1,5 @@
 """Built-in passes. Importing this package registers them (the project's only import-for-registration)."""
 
-from . import binary, exit, pq, prune, svd
+from . import binary, distill, exit, pq, prune, svd
 
-__all__ = ["binary", "exit", "pq", "prune", "svd"]
+__all__ = ["binary", "distill", "exit", "pq", "prune", "svd"]

@@ -23,6 +23,9 @@ class PassContext:
     seed: int = 0
     log: Callable[[str], None] = log
     budget: Mapping[str, float] = field(default_factory=dict)  # e.g. {"macs": 0.5} from --budget
+    # The model before any pass (canonical form), for passes that fit against it (distill's teacher);
+    # None when a pass runs on its own, where the model it receives is the original.
+    teacher: onnx.ModelProto | None = None
 
     def require_data(self, pass_name: str, why: str) -> Calibration:
         if self.fit is None:

@@ -1,0 +1,194 @@
+"""The distill pass's training loop: teacher and student in the PyTorch interpreter, Adam on the student's
+float initializers, held-out fidelity every few steps, the best state kept."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import numpy as np
+import onnx
+import torch
+
+from rewriter.calib import Calibration
+from rewriter.errors import ModelError
+from rewriter.layouts import infer_layouts
+from rewriter.pass_api import PassContext
+
+from ._distill_data import augment, per_sample, run_graph, split_fit, takes_batches
+from ._distill_loss import LossSetup, channel_variance
+from ._torch_graph import TorchGraph, trainable_names
+from .distill import fidelity_drop, rewritten_tensors, spread
+
+VAL_CAP = 64  # validation samples at most: enough for a stable figure, cheap to evaluate
+STATS_SAMPLES = 32  # samples that set the teacher's per-channel variances
+IMPROVEMENT = 1e-5  # a held-out drop must fall by this much to count as better
+
+
+def _better(new: dict, old: dict) -> bool:
+    """A lower held-out drop; at an equal drop (e.g. both capped at 1), a lower uncapped score."""
+    if new["drop"] < old["drop"] - IMPROVEMENT:
+        return True
+    return new["drop"] <= old["drop"] + 1e-12 and new["score"] < old["score"] - IMPROVEMENT
+
+
+@contextmanager
+def torch_settings(seed: int, threads: int) -> Iterator[None]:
+    """Seeded, deterministic, with a fixed thread count; the caller's settings come back afterwards."""
+    old_threads, old_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_det)
+
+
+def _chunks(data: Calibration, size: int) -> Iterator[dict[str, np.ndarray]]:
+    for start in range(0, len(data), size):
+        yield {k: v[start: start + size] for k, v in data.inputs.items()}
+
+
+class Trainer:
+    """One distillation run of `model` (student) against `teacher` on the fit samples `data`."""
+
+    def __init__(self, opts, model: onnx.ModelProto, teacher: onnx.ModelProto, data: Calibration,
+                 ctx: PassContext) -> None:
+        self.opts, self.model, self.ctx = opts, model, ctx
+        self.train, self.val = split_fit(data, opts.holdout, VAL_CAP, ctx.seed)
+        self.student = TorchGraph(model, trainable_names(model))
+        self.teacher, self.teacher_model = TorchGraph(teacher), teacher
+        if self.student.outputs != self.teacher.outputs:
+            raise ModelError(f"distill: the rewritten model's outputs {self.student.outputs} are not the "
+                             f"original's {self.teacher.outputs}")
+        self.names = self.student.outputs
+        self.rewritten = rewritten_tensors(model, teacher)
+
+    def fit(self) -> tuple[onnx.ModelProto, dict]:
+        with torch_settings(self.ctx.seed, self.opts.threads):
+            return self._fit()
+
+    def _fit(self) -> tuple[onnx.ModelProto, dict]:
+        start = time.perf_counter()
+        probe = next(_chunks(self.train, 2))
+        mse, nst = self._features(probe)
+        self.keep = keep = sorted(set(mse) | set(nst))
+        self.batched = takes_batches(self.student, probe, keep) and takes_batches(self.teacher, probe, keep)
+        self.val_ref = self._outputs(self.teacher, self.val)
+        self.layouts = layouts = infer_layouts(self.teacher_model, self.val_ref, self.val.labels)
+        self.loss = self._loss_setup(layouts, mse, nst)
+        before = fidelity_drop(self.names, self.val_ref, self._outputs(self.student, self.val), layouts)
+        self.ctx.log(f"distill: {len(self.student.params)} float initializers trained on {len(self.train)} samples, "
+                     f"{len(self.val)} held out (drop {before['drop']:.4f}); features: {len(mse)} mse, {len(nst)} nst")
+        if before["drop"] <= IMPROVEMENT:  # already answers like the original on held-out samples
+            history, best, stopped, steps = [], None, "nothing to recover", 0
+        else:
+            history, best, stopped, steps = self._train(before, start)
+        kept = best is None
+        if not kept:
+            with torch.no_grad():
+                for name, value in best.items():
+                    self.student.params[name].copy_(value)
+        after = before if kept else fidelity_drop(self.names, self.val_ref, self._outputs(self.student, self.val),
+                                                  layouts)
+        notes = {"steps": steps, "stopped": stopped, "seconds": round(time.perf_counter() - start, 2),
+                 "train_samples": len(self.train), "val_samples": len(self.val), "batched": self.batched,
+                 "trained_initializers": len(self.student.params), "loss": dict(self.loss.terms),
+                 "features": {"feat": mse, "nst": nst}, "val_before": before, "val_after": after,
+                 "history": history}
+        if kept:
+            notes["kept"] = "the original weights: no step improved held-out fidelity"
+            return self.model, notes
+        return self.student.write_back(self.model), notes
+
+    def _features(self, probe: Mapping[str, np.ndarray]) -> tuple[list[str], list[str]]:
+        """Rewritten layers' outputs both models compute: same shape for MSE, same positions for MMD."""
+        if not self.rewritten or not self.opts.features:
+            return [], []
+        one = {k: v[:1] for k, v in probe.items()}
+        with torch.no_grad():
+            s = run_graph(self.student, one, self.rewritten, batched=False)
+            t = run_graph(self.teacher, one, self.rewritten, batched=False)
+        floats = [n for n in self.rewritten if s[n].is_floating_point() and s[n].dim() >= 2]
+        mse = [n for n in floats if s[n].shape == t[n].shape]
+        nst = [n for n in floats if s[n].dim() >= 3 and s[n].shape[2:] == t[n].shape[2:] and s[n].shape[2:].numel() > 1]
+        terms = self.opts.terms
+        return (spread(mse, self.opts.features) if terms.get("feat") else [],
+                spread(nst, self.opts.features) if terms.get("nst") else [])
+
+    def _outputs(self, graph: TorchGraph, data: Calibration) -> dict[str, list[np.ndarray]]:
+        """Per-sample outputs (as onnxruntime returns them), run in chunks without gradients."""
+        found: dict[str, list[np.ndarray]] = {name: [] for name in self.names}
+        with torch.no_grad():
+            for feeds in _chunks(data, self.opts.batch):
+                values = run_graph(graph, feeds, (), self.batched)
+                for name in self.names:
+                    found[name] += per_sample(values[name])
+        return found
+
+    def _loss_setup(self, layouts, mse: list[str], nst: list[str]) -> LossSetup:
+        stats = self.train.take(np.arange(min(len(self.train), STATS_SAMPLES)))
+        with torch.no_grad():
+            runs = [run_graph(self.teacher, feeds, mse, self.batched) for feeds in _chunks(stats, self.opts.batch)]
+        joined = {name: torch.cat([r[name] for r in runs]) for name in [*self.names, *mse]}
+        output_var = {n: channel_variance(joined[n], layouts[n].feature_axis) for n in self.names}
+        feature_var = {n: channel_variance(joined[n], 1) for n in mse}
+        return LossSetup(self.opts.terms, layouts, output_var, feature_var, mse, nst, self.opts.temperature)
+
+    def _train(self, best_fid: dict, start: float) -> tuple[list, dict | None, str, int]:
+        opts = self.opts
+        params = list(self.student.params.values())
+        if not params or not opts.steps:
+            return [], None, "nothing to train" if not params else "steps=0", 0
+        optimizer = torch.optim.Adam(params, lr=opts.lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + np.cos(np.pi * s / opts.steps)))
+        rng = np.random.default_rng(self.ctx.seed)
+        stds = {k: float(v.std()) if v.dtype.kind == "f" else 0.0 for k, v in self.train.inputs.items()}
+        order, cursor = rng.permutation(len(self.train)), 0
+        deadline = start + 60.0 * opts.minutes
+        best, bad, history, stopped, running = None, 0, [], "steps", []
+        step = 0
+        for step in range(1, opts.steps + 1):
+            if cursor + opts.batch > len(order):
+                order, cursor = rng.permutation(len(self.train)), 0
+            index = np.sort(order[cursor: cursor + opts.batch])
+            cursor += opts.batch
+            feeds = augment({k: v[index] for k, v in self.train.inputs.items()}, opts.augment, stds, rng)
+            running.append(self._step(optimizer, feeds))
+            schedule.step()
+            if step % opts.eval_every and step != opts.steps and time.perf_counter() < deadline:
+                continue
+            fid = fidelity_drop(self.names, self.val_ref, self._outputs(self.student, self.val), self.layouts)
+            loss = float(np.mean(running))
+            running = []
+            history.append({"step": step, "loss": round(loss, 6), **{k: v for k, v in fid.items() if k != "score"}})
+            if _better(fid, best_fid):
+                best_fid, bad = fid, 0
+                best = {k: p.detach().clone() for k, p in self.student.params.items()}
+            else:
+                bad += 1
+            self.ctx.log(f"distill: step {step}/{opts.steps} loss {loss:.5f} held-out drop {fid['drop']:.4f} "
+                         f"(best {best_fid['drop']:.4f}, worst channel cosine {fid['channel_cosine_min']:.4f}"
+                         + (f", top-1 {fid['top1_agreement']:.4f}" if "top1_agreement" in fid else "") + ")")
+            if time.perf_counter() >= deadline:
+                stopped = "time budget"
+                break
+            if bad >= opts.patience:
+                stopped = "early stop: held-out fidelity stopped improving"
+                break
+        return history, best, stopped, step
+
+    def _step(self, optimizer: torch.optim.Optimizer, feeds: Mapping[str, np.ndarray]) -> float:
+        with torch.no_grad():
+            t = run_graph(self.teacher, feeds, self.keep, self.batched)
+        s = run_graph(self.student, feeds, self.keep, self.batched)
+        loss = self.loss.total(self.loss(s, t))
+        if not torch.isfinite(loss):
+            raise ModelError("distill: the loss became non-finite; try a smaller --opt distill.lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item()

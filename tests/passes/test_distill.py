@@ -1,0 +1,218 @@
+"""The distill pass: the PyTorch interpreter against onnxruntime, recovery after compression, an unchanged graph,
+determinism, and clear errors without PyTorch or with unsupported ops."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from rewriter import rewrite
+from rewriter.calib import Calibration
+from rewriter.canonical import canonicalize
+from rewriter.errors import ModelError, UsageError
+from rewriter.pass_api import PassContext
+from rewriter.registry import make_pass
+from tests.helpers import CALIB, SAMPLES, make_model, run_ort, tensor, value
+
+SAMPLE_MODELS = ["digits_mlp", "digits_vgg", "digits_resnet", "digits_mobilenet"]
+
+
+def _digits(n: int) -> np.ndarray:
+    with np.load(CALIB) as data:
+        return data["input"][:n]
+
+
+def _interpret(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    torch = pytest.importorskip("torch")
+    from rewriter.passes._torch_graph import TorchGraph, trainable_names
+
+    graph = TorchGraph(model, trainable_names(model))
+    with torch.no_grad():
+        out = graph({k: torch.from_numpy(v) for k, v in feeds.items()})
+    return [out[o.name].numpy() for o in model.graph.output]
+
+
+def _assert_matches_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
+    for got, want in zip(_interpret(model, feeds), run_ort(model, feeds), strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(want).max())))
+
+
+@pytest.mark.parametrize("name", SAMPLE_MODELS)
+def test_interpreter_matches_onnxruntime_on_samples(name):
+    model = onnx.load(SAMPLES / f"{name}.onnx")
+    x = _digits(4)
+    for i in range(len(x)):
+        _assert_matches_ort(model, {"input": x[i: i + 1]})
+
+
+def _ops_graph() -> onnx.ModelProto:
+    """One graph over the layout and activation ops the interpreter has to get exactly right."""
+    rng = np.random.default_rng(0)
+    n = helper.make_node
+    nodes = [
+        n("Conv", ["x", "w", "b"], ["c"], pads=[0, 1, 1, 0], strides=[2, 1]),  # asymmetric pads, strides
+        n("LeakyRelu", ["c"], ["l"], alpha=0.1),
+        n("Split", ["l", "sp"], ["s1", "s2"], axis=1),
+        n("Clip", ["s1", "lo", "hi"], ["k"]),
+        n("HardSwish", ["s2"], ["h"]),
+        n("Concat", ["k", "h"], ["cat"], axis=1),
+        n("MaxPool", ["cat"], ["mp"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
+        n("AveragePool", ["cat"], ["ap"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1),
+        n("Resize", ["mp", "", "scales"], ["up"], mode="nearest"),
+        n("Slice", ["up", "starts", "ends", "axes", "steps"], ["sl"]),
+        n("Transpose", ["sl"], ["tr"], perm=[0, 2, 3, 1]),
+        n("Reshape", ["tr", "shape"], ["rs"]),
+        n("Softmax", ["rs"], ["sm"], axis=-1),
+        n("Sigmoid", ["ap"], ["sg"]),
+        n("Flatten", ["sg"], ["fl"]),
+        n("Gemm", ["fl", "g", "gb"], ["gm"], transB=1, alpha=0.5),
+    ]
+    inits = [tensor("w", rng.normal(size=(6, 3, 3, 3))), tensor("b", rng.normal(size=6)),
+             numpy_helper.from_array(np.array([2, 4], dtype=np.int64), "sp"),
+             tensor("lo", np.array(-0.5)), tensor("hi", np.array(0.7)),
+             tensor("scales", np.array([1, 1, 2, 2])),
+             numpy_helper.from_array(np.array([1, -1], dtype=np.int64), "starts"),
+             numpy_helper.from_array(np.array([7, -100], dtype=np.int64), "ends"),
+             numpy_helper.from_array(np.array([2, 3], dtype=np.int64), "axes"),
+             numpy_helper.from_array(np.array([2, -2], dtype=np.int64), "steps"),
+             numpy_helper.from_array(np.array([1, -1, 6], dtype=np.int64), "shape"),
+             tensor("g", rng.normal(size=(5, 6 * 3 * 4))), tensor("gb", rng.normal(size=5))]
+    return make_model(nodes, [value("x", [1, 3, 11, 8])], [value("sm", [1, 12, 6]), value("gm", [1, 5])], inits)
+
+
+def _codes_graph() -> onnx.ModelProto:
+    """A PQ-style Gather of a float16 codebook by uint8 codes and binary-style unpacked sign bits, as weights."""
+    rng = np.random.default_rng(1)
+    n = helper.make_node
+    nodes = [
+        n("Cast", ["codes"], ["idx"], to=TensorProto.INT32),
+        n("Gather", ["book", "idx"], ["rows"], axis=0),
+        n("Reshape", ["rows", "wshape"], ["w16"]),
+        n("Cast", ["w16"], ["w"], to=TensorProto.FLOAT),
+        n("BitShift", ["bits", "shifts"], ["shifted"], direction="RIGHT"),
+        n("Mod", ["shifted", "two"], ["bit"]),
+        n("Cast", ["bit"], ["bitf"], to=TensorProto.FLOAT),
+        n("Reshape", ["bitf", "bshape"], ["signs01"]),
+        n("Mul", ["signs01", "ftwo"], ["dbl"]),
+        n("Sub", ["dbl", "fone"], ["signs"]),
+        n("Mul", ["signs", "alpha"], ["wb"]),
+        n("MatMul", ["x", "w"], ["h"]),
+        n("MatMul", ["h", "wb"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float16), "book"),
+             numpy_helper.from_array(rng.integers(0, 8, size=(6, 1)).astype(np.uint8), "codes"),
+             numpy_helper.from_array(np.array([6, 4], dtype=np.int64), "wshape"),
+             numpy_helper.from_array(rng.integers(0, 256, size=(3, 1)).astype(np.uint8), "bits"),
+             numpy_helper.from_array(np.arange(7, -1, -1).astype(np.uint8), "shifts"),
+             numpy_helper.from_array(np.array(2, dtype=np.uint8), "two"),
+             numpy_helper.from_array(np.array([4, 6], dtype=np.int64), "bshape"),
+             tensor("ftwo", np.array(2.0)), tensor("fone", np.array(1.0)), tensor("alpha", rng.random((1, 6)))]
+    return make_model(nodes, [value("x", [2, 6])], [value("y", [2, 6])], inits)
+
+
+@pytest.mark.parametrize("build, shape", [(_ops_graph, (1, 3, 11, 8)), (_codes_graph, (2, 6))])
+def test_interpreter_matches_onnxruntime_on_generated_graphs(build, shape):
+    model = build()
+    x = np.random.default_rng(2).normal(size=shape).astype(np.float32)
+    _assert_matches_ort(model, {"x": x})
+
+
+def test_only_weights_are_trainable():
+    pytest.importorskip("torch")
+    from rewriter.passes._torch_graph import trainable_names
+
+    names = set(trainable_names(_codes_graph()))
+    assert names == {"book", "alpha"}  # not the codes, bits, shapes, nor the scalars 2 and 1
+    assert {"w", "b", "g", "gb"} <= set(trainable_names(_ops_graph())) and "scales" not in trainable_names(_ops_graph())
+
+
+def test_unsupported_op_is_one_line_model_error():
+    pytest.importorskip("torch")
+    from rewriter.passes._torch_graph import TorchGraph
+
+    model = make_model([helper.make_node("Hardmax", ["x"], ["y"])], [value("x", [1, 4])], [value("y", [1, 4])])
+    with pytest.raises(ModelError, match="Hardmax") as err:
+        TorchGraph(model)
+    assert "\n" not in str(err.value)
+
+
+def test_without_torch_the_pass_asks_for_the_extra(monkeypatch):
+    import rewriter.passes.distill as distill
+
+    monkeypatch.setattr(distill, "torch_available", lambda: False)
+    with pytest.raises(UsageError, match=r"pip install 'rewriter\[distill\]'") as err:
+        rewrite(SAMPLES / "digits_mlp.onnx", passes=["distill"], calib=CALIB)
+    assert err.value.exit_code == 2
+
+
+@pytest.mark.parametrize("options", [{"loss": "kd,foo"}, {"loss": "kd:x"}, {"augment": "rotate"}, {"lr": "0"}])
+def test_bad_options_are_usage_errors(options):
+    with pytest.raises(UsageError):
+        make_pass("distill", options)
+
+
+def _compressed(name: str, passes: list[str], options: dict) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(teacher, student): the canonical sample and the sample after `passes`."""
+    result = rewrite(SAMPLES / f"{name}.onnx", passes=passes, calib=CALIB, options=options)
+    teacher = canonicalize(onnx.load(SAMPLES / f"{name}.onnx"), {"input": [1, *_digits(1).shape[1:]]})
+    return teacher, result.model
+
+
+def _context(teacher: onnx.ModelProto, n: int, seed: int = 0) -> PassContext:
+    with np.load(CALIB) as data:
+        fit = Calibration({"input": data["input"][:n]}, data["labels"][:n], "digits")
+    return PassContext(fit=fit, seed=seed, teacher=teacher, log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def svd_mlp():
+    pytest.importorskip("torch")
+    return _compressed("digits_mlp", ["svd"], {"svd": {"rank_ratio": 0.1, "data_aware": False}})
+
+
+def test_distill_recovers_fidelity_after_svd(svd_mlp):
+    teacher, student = svd_mlp
+    result = make_pass("distill", {"steps": 60, "eval_every": 15, "batch": 32}).run(student, _context(teacher, 300))
+    notes = result.notes
+    assert "kept" not in notes
+    assert notes["val_after"]["drop"] < notes["val_before"]["drop"] - 0.05
+    assert notes["val_after"]["top1_agreement"] > notes["val_before"]["top1_agreement"]
+    # and on digits the distill pass never saw, labelled: accuracy comes back
+    with np.load(CALIB) as data:
+        x, labels = data["input"][300:], data["labels"][300:]
+    before = run_ort(student, {"input": x})[0].argmax(1)
+    after = run_ort(result.model, {"input": x})[0].argmax(1)
+    assert (after == labels).mean() > (before == labels).mean() + 0.03
+
+
+def _graph_signature(model: onnx.ModelProto) -> tuple:
+    nodes = tuple(n.SerializeToString() for n in model.graph.node)
+    inits = tuple((t.name, tuple(t.dims), t.data_type) for t in model.graph.initializer)
+    io = tuple(v.SerializeToString() for v in [*model.graph.input, *model.graph.output])
+    return nodes, inits, io
+
+
+def test_graph_unchanged_only_float_initializers_trained():
+    pytest.importorskip("torch")
+    teacher, student = _compressed("digits_mlp", ["pq"], {"pq": {"k": 4, "block": 8}})
+    result = make_pass("distill", {"steps": 8, "eval_every": 4, "loss": "kd,nst,rank"}).run(
+        student, _context(teacher, 120))
+    assert _graph_signature(result.model) == _graph_signature(student)
+    before = {t.name: t for t in student.graph.initializer}
+    moved = [t for t in result.model.graph.initializer if t.SerializeToString() != before[t.name].SerializeToString()]
+    assert moved, "nothing was trained"
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16}
+    assert all(t.data_type in floats for t in moved)  # codes (uint8) and shapes (int64) never change
+    assert any("codebook" in t.name for t in moved)  # gradients reach the PQ codebooks through the Gather
+
+
+def test_deterministic_with_the_seed(svd_mlp):
+    teacher, student = svd_mlp
+    options = {"steps": 6, "eval_every": 2, "augment": "flip,crop,noise,mixup", "loss": "kd,feat,rank:0.1"}
+    runs = [make_pass("distill", options).run(student, _context(teacher, 80, seed=s)).model for s in (3, 3, 4)]
+    first, again, other = (m.SerializeToString() for m in runs)
+    assert first == again
+    assert first != other
