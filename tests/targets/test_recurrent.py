@@ -17,7 +17,7 @@ SEQ, BATCH, INPUT, HIDDEN = 5, 2, 3, 4
 
 
 def _recurrent(op: str, direction: str = "forward", bias: bool = False, states: bool = False,
-               peepholes: bool = False, layout: int = 0, **attrs) -> onnx.ModelProto:
+               peepholes: bool = False, layout: int = 0, opset: int = 14, **attrs) -> onnx.ModelProto:
     rng = np.random.default_rng(zlib.crc32(repr((op, direction, bias, states, peepholes, attrs)).encode()))
     gates = 4 if op == "LSTM" else 3
     dirs = 2 if direction == "bidirectional" else 1
@@ -40,10 +40,12 @@ def _recurrent(op: str, direction: str = "forward", bias: bool = False, states: 
     while inputs and not inputs[-1]:
         inputs.pop()
     outputs = ["y", "y_h"] + (["y_c"] if op == "LSTM" else [])
-    node = helper.make_node(op, inputs, outputs, hidden_size=HIDDEN, direction=direction, layout=layout, **attrs)
+    if layout:
+        attrs["layout"] = layout  # the attribute exists from opset 14
+    node = helper.make_node(op, inputs, outputs, hidden_size=HIDDEN, direction=direction, **attrs)
     y_shape = [BATCH, SEQ, dirs, HIDDEN] if layout else [SEQ, dirs, BATCH, HIDDEN]
     return make_model([node], graph_inputs, [value("y", y_shape)] + [value(n, state_shape) for n in outputs[1:]],
-                      inits, opset=14)
+                      inits, opset=opset)
 
 
 CASES = [
@@ -55,6 +57,7 @@ CASES = [
     ("GRU", {"direction": "bidirectional", "states": True, "linear_before_reset": 1, "bias": True}),
     ("GRU", {"direction": "reverse", "clip": 0.7}),
     ("GRU", {"layout": 1, "states": True}),
+    ("LSTM", {"direction": "bidirectional", "bias": True, "opset": 12}),  # Split/Unsqueeze with attributes
 ]
 
 

@@ -1,0 +1,60 @@
+"""Real models from another exporter than the proving ground's: a CNN + bidirectional LSTM text recogniser and
+a YOLOX-style detector (ddddocr's wheel). The recogniser builds for x86 through the LSTM unrolling and answers
+like onnxruntime; the fidelity of both is read along their real feature axes."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from rewriter import rewrite
+from tests.helpers import SAMPLES, run_ort
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def models():
+    sys.path.insert(0, str(SAMPLES))
+    from fetch_real_models import default_cache, fetch_extra_models
+
+    return fetch_extra_models(default_cache())
+
+
+def _text_lines(count: int, width: int) -> np.ndarray:
+    """Grey text-line crops from scikit-image's scanned page, scaled to the recogniser's 64-pixel height."""
+    from PIL import Image
+    from skimage import data
+
+    page = Image.fromarray(data.text()).convert("L")
+    lines = [page.crop((0, 15 * k, 450, 15 * k + 80)).resize((width, 64)) for k in range(count)]
+    return np.stack([(np.asarray(line, np.float32) / 255.0 - 0.5) / 0.5 for line in lines])[:, None]
+
+
+def test_lstm_recogniser_builds_for_x86_and_matches_onnxruntime(models, tmp_path):
+    tvm = pytest.importorskip("tvm")
+    from tvm import relax
+
+    lines = _text_lines(8, 160)
+    result = rewrite(models["ddddocr_rec"], target="x86", calib={"input1": lines}, out_dir=tmp_path / "out")
+    layout = result.report["fidelity"]["outputs"]["387"]["layout"]
+    assert layout["feature_axis"] == 2 and "Gemm" in layout["why"]  # [T, N, classes]: classes last
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(result.artifacts["library"])), tvm.cpu())
+    for line in lines[:3]:
+        (want,) = run_ort(models["ddddocr_rec"], {"input1": line[None]})
+        got = vm["main"](tvm.runtime.tensor(line[None])).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        assert np.array_equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_yolox_detector_is_read_along_its_last_axis(models):
+    from PIL import Image
+    from skimage import data
+
+    images = [Image.fromarray(img).convert("RGB").resize((416, 416)) for img in (data.astronaut(), data.coffee())]
+    x = np.stack([np.asarray(im, np.float32).transpose(2, 0, 1) for im in images])
+    result = rewrite(models["ddddocr_det"], calib={"images": x})
+    layout = result.report["fidelity"]["outputs"]["output"]["layout"]
+    assert layout["feature_axis"] == 2 and layout["box_channels"] == [0, 4] and layout["scores"] == "sigmoid"
