@@ -65,13 +65,15 @@ class Moments:
         self.cross = [np.zeros((self.k, self.n)) for _ in range(2)]
         self.energy, self.rows = [0.0, 0.0], [0, 0]
         self._pending: list[list[tuple[np.ndarray, np.ndarray]]] = [[], []]
+        self._queued = [0, 0]
 
     def add(self, x: np.ndarray, y: np.ndarray, held: bool) -> None:
         """Queue rows; products are formed in batches (many small updates cost more than one large one)."""
         i = int(held)
         self._pending[i].append((x, y))
         self.rows[i] += len(x)
-        if sum(len(p[0]) for p in self._pending[i]) >= 4096:
+        self._queued[i] += len(x)
+        if self._queued[i] >= 4096:
             self._flush(i)
 
     def _flush(self, i: int) -> None:
@@ -79,7 +81,7 @@ class Moments:
             return
         x = np.concatenate([p[0] for p in self._pending[i]]).astype(np.float64)
         y = np.concatenate([p[1] for p in self._pending[i]]).astype(np.float64)
-        self._pending[i] = []
+        self._pending[i], self._queued[i] = [], 0
         self.gram[i] += x.T @ x
         self.cross[i] += x.T @ y
         self.energy[i] += float(np.sum(y**2))
@@ -106,15 +108,27 @@ def ridge_refit(m: Moments, start: np.ndarray) -> tuple[np.ndarray, dict]:
     if m.rows[1] == 0 or m.rows[0] == 0:
         return start, {"refit": "skipped: too few samples to hold some out"}
     scores = {"none": _error(m.gram[1], m.cross[1], m.energy[1], start)}
+    solve = _ridge_solver(m.gram[0], m.cross[0], start)  # one eigendecomposition serves every lambda
     for ridge in RIDGES:
-        w = _solve(m.gram[0], m.cross[0], start, ridge)
-        scores[ridge] = _error(m.gram[1], m.cross[1], m.energy[1], w)
+        scores[ridge] = _error(m.gram[1], m.cross[1], m.energy[1], solve(ridge))
     best = min(scores, key=scores.get)
     info = {"ridge": best, "held_out_error": _share(scores[best], m.energy[1]),
             "held_out_error_unfitted": _share(scores["none"], m.energy[1]), "rows": sum(m.rows)}
     if best == "none":
         return start, info
     return _solve(m.gram[0] + m.gram[1], m.cross[0] + m.cross[1], start, best), info
+
+
+def _ridge_solver(gram: np.ndarray, cross: np.ndarray, start: np.ndarray):
+    values, vectors = np.linalg.eigh(gram)
+    scale = max(float(np.trace(gram)) / len(gram), 1e-12)
+    qc, qw = vectors.T @ cross, vectors.T @ start
+
+    def solve(ridge: float) -> np.ndarray:
+        d = ridge * scale
+        return vectors @ ((qc + d * qw) / (np.maximum(values, 0.0) + d)[:, None])
+
+    return solve
 
 
 def _share(error: float, energy: float) -> float:

@@ -1,0 +1,175 @@
+"""The prune pass: exact removal of dead channels through every coupling, the digits samples, baselines, options."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rewriter import rewrite
+from rewriter.calib import Calibration
+from rewriter.errors import UsageError
+from rewriter.metrics import count_macs
+from rewriter.pass_api import PassContext
+from rewriter.passes._prune_fit import lasso_select
+from rewriter.passes.prune import PrunePass
+from rewriter.pipeline import checked
+from tests.channel_nets import Net
+from tests.helpers import CALIB, SAMPLES, run_ort
+
+
+def _context(n: int = 24, seed: int = 0) -> PassContext:
+    x = np.random.default_rng(seed).normal(size=(n, 4, 6, 6)).astype(np.float32)
+    return PassContext(fit=Calibration({"x": x}, None, "test"))
+
+
+def _residual(n: Net) -> tuple[str, int]:
+    a = n.op("Relu", [n.conv("x", 4, 8, "a")], "ra")
+    b = n.conv(n.op("Relu", [n.conv(a, 8, 8, "b1")], "rb"), 8, 8, "b2")
+    s = n.op("Relu", [n.op("Add", [a, b], "sum")], "rs")
+    n.conv(s, 8, 3, "head")
+    n.kill("a", [1, 4, 6, 7])
+    n.kill("b2", [1, 4, 6, 7])
+    n.kill("b1", [0, 2, 3, 5])
+    return "head", 3
+
+
+def _concat_split(n: Net) -> tuple[str, int]:
+    p = n.op("Relu", [n.conv("x", 4, 8, "p")], "rp")
+    left, right = n.split(p, [4, 4], ["left", "right"])
+    q = n.op("Relu", [n.conv(right, 4, 4, "q")], "rq")
+    n.conv(n.op("Concat", [left, q, right], "cat", axis=1), 12, 3, "head", k=1)
+    n.kill("p", [0, 3, 5, 6])
+    n.kill("q", [1, 2])
+    return "head", 3
+
+
+def _squeeze_excite(n: Net) -> tuple[str, int]:
+    x = n.op("Relu", [n.conv("x", 4, 8, "main")], "rm")
+    squeezed = n.op("Relu", [n.conv(n.op("GlobalAveragePool", [x], "gap"), 8, 4, "reduce", k=1)], "rr")
+    gate = n.op("HardSigmoid", [n.conv(squeezed, 4, 8, "expand", k=1)], "gate")
+    n.conv(n.op("Mul", [x, gate], "scaled"), 8, 3, "head", k=1)
+    n.kill("main", [0, 3, 6, 7])
+    n.kill("reduce", [1, 2])
+    return "head", 3
+
+
+def _depthwise(n: Net) -> tuple[str, int]:
+    p = n.op("Relu", [n.conv("x", 4, 8, "p", k=1)], "rp")
+    d = n.op("Relu", [n.conv(p, 8, 8, "dw", group=8)], "rd")
+    n.conv(d, 8, 3, "head", k=1)
+    n.kill("p", [2, 3, 5, 6])
+    n.kill("dw", [2, 3, 5, 6])
+    return "head", 3
+
+
+@pytest.mark.parametrize("build", [_residual, _concat_split, _squeeze_excite, _depthwise])
+@pytest.mark.parametrize("refit", [False, True])
+def test_dead_channels_leave_through_every_coupling_and_nothing_changes(build, refit):
+    n = Net()
+    out, c = build(n)
+    model = n.model({out: [1, c, 6, 6]})
+    result = PrunePass(ratio=0.5, refit=refit).run(model, _context())
+    new = checked(result.model, "prune")
+    assert count_macs(new) < count_macs(model)
+    x = np.random.default_rng(7).normal(size=(1, 4, 6, 6)).astype(np.float32)
+    expected, got = run_ort(model, {"x": x})[0], run_ort(new, {"x": x})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
+
+
+def test_lasso_keeps_the_channels_that_carry_the_output():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(500, 6)) * np.array([1.0, 0.05, 2.0, 0.01, 0.5, 0.02])
+    kept, beta = lasso_select(z, z.sum(axis=1), 3)
+    assert kept.tolist() == [0, 2, 4]
+    assert np.all(beta >= 0)
+
+
+def test_unprunable_graph_is_left_unchanged():
+    n = Net()
+    n.conv(n.op("Relu", [n.conv("x", 4, 6, "a")], "ra"), 6, 2, "b")
+    model = n.model({"ra": [1, 6, 6, 6], "b": [1, 2, 6, 6]})  # a's channels are a graph output
+    result = PrunePass(ratio=0.5).run(model, _context())
+    assert result.model is model and result.changed == []
+    assert result.notes["unchanged"] == "no prunable channel group"
+    assert "graph output" in next(iter(result.notes["groups"].values()))["skipped"]
+
+
+def _subset(n: int) -> dict[str, np.ndarray]:
+    with np.load(CALIB) as data:
+        return {k: data[k][:n] for k in data.files}
+
+
+def _digits(name: str, calib=CALIB, **options):
+    return rewrite(SAMPLES / f"digits_{name}.onnx", passes=["prune"], calib=calib, options={"prune": options}).report
+
+
+@pytest.fixture(scope="module")
+def vgg():
+    return {(crit, refit): _digits("vgg", ratio=0.5, criterion=crit, refit=refit)
+            for crit, refit in [("lasso", True), ("l1", True), ("lasso", False)]}
+
+
+def test_vgg_half_ratio_halves_macs_within_a_point_of_accuracy(vgg):
+    report = vgg["lasso", True]
+    assert report["output"]["macs"] <= 0.5 * report["input"]["macs"]
+    fid = report["fidelity"]
+    assert fid["accuracy_after"] >= fid["accuracy_before"] - 0.01
+    groups = report["passes"][0]["notes"]["groups"]
+    assert sum("skipped" not in g for g in groups.values()) >= 3
+    assert all(g["scoring"].startswith("lasso") for g in groups.values() if "skipped" not in g)
+
+
+def test_lasso_beats_l1_and_refit_beats_none_at_the_same_ratio(vgg):
+    macs = {k: r["output"]["macs"] for k, r in vgg.items()}
+    assert len(set(macs.values())) == 1
+    error = {k: r["fidelity"]["rel_l2"] for k, r in vgg.items()}
+    assert error["lasso", True] < error["l1", True]
+    assert error["lasso", True] < 0.5 * error["lasso", False]
+
+
+def test_resnet_residual_stream_pruned_jointly():
+    report = _digits("resnet", ratio=0.5)
+    assert report["output"]["macs"] <= 0.6 * report["input"]["macs"]
+    fid = report["fidelity"]
+    assert fid["accuracy_after"] >= fid["accuracy_before"] - 0.02
+    groups = report["passes"][0]["notes"]["groups"].values()
+    residual = [g for g in groups if len(g["producers"]) >= 3 and "skipped" not in g]
+    assert residual and all(g["size_after"] < g["size_before"] for g in residual)
+
+
+def test_mobilenet_squeeze_excite_and_depthwise_groups_pruned():
+    report = _digits("mobilenet", calib=_subset(240), ratio=0.3)
+    groups = report["passes"][0]["notes"]["groups"].values()
+    pruned = [g for g in groups if g["size_after"] < g["size_before"]]
+    se = [g for g in pruned if any("expand" in p for p in g["producers"])]
+    assert se, "a group with a squeeze-excite gate among its producers is pruned"
+    assert any(len(g["consumers"]) >= 2 for g in se)  # read by the SE reduce conv and the projection
+    assert report["output"]["macs"] < 0.75 * report["input"]["macs"]
+    assert report["fidelity"]["top1_agreement"] > 0.8
+
+
+def test_budget_chooses_the_ratio():
+    result = rewrite(SAMPLES / "digits_vgg.onnx", passes=["prune"], calib=_subset(160), budget={"macs": 0.4})
+    prune = result.report["passes"][0]
+    assert prune["macs_after"] <= 0.4 * prune["macs_before"]
+    assert 0.2 < prune["notes"]["ratio"] < 0.5  # half the channels would leave a quarter of the MACs
+
+
+def test_svd_composes_after_prune():
+    result = rewrite(SAMPLES / "digits_vgg.onnx", passes=["prune", "svd"], calib=_subset(80),
+                     options={"svd": {"keep_heads": False}})
+    prune, svd = result.report["passes"]
+    assert prune["changed"] and svd["changed"]
+    assert svd["macs_after"] < svd["macs_before"] < prune["macs_before"]
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError):
+        PrunePass(criterion="random")
+    with pytest.raises(ValueError):
+        PrunePass(ratio=1.0)
+    n = Net()
+    n.conv(n.op("Relu", [n.conv("x", 4, 6, "a")], "ra"), 6, 2, "b")
+    model = n.model({"b": [1, 2, 6, 6]})
+    with pytest.raises(UsageError):
+        PrunePass(ratio=0.5).run(model, PassContext(fit=None))
