@@ -133,6 +133,14 @@ class SvdPass:
         if unknown:
             raise ValueError(f"ops may name Gemm, MatMul and Conv, not {sorted(unknown)}")
 
+    @staticmethod
+    def explain(view: GraphView, node: onnx.NodeProto) -> str | None:
+        """None when svd (default options) could split this node, else why not (`rewrite inspect`)."""
+        if node.op_type not in ("Gemm", "MatMul", "Conv"):
+            return f"svd splits Gemm, MatMul and Conv, not {node.op_type}"
+        found = find_layer(view, node, "channel")
+        return found if isinstance(found, str) else None
+
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         model = copy_model(model)
         view = GraphView(model)

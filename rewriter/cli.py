@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import tomllib
@@ -14,6 +15,7 @@ from typing import Any, NoReturn
 from .api import rewrite
 from .canonical import parse_input_shape
 from .errors import RewriterError, UsageError
+from .inspection import format_table, inspect_model
 from .layouts import parse_output_axis
 from .progress import set_quiet
 from .registry import available_passes, pass_options
@@ -154,7 +156,30 @@ def _terminate(signum, frame) -> NoReturn:
     raise Terminated()
 
 
+def _inspect(argv: Sequence[str]) -> int:
+    """`rewrite inspect MODEL [--json] [--input-shape NAME=1x3xHxW]`: the layer table, nothing written."""
+    p = _Parser(prog="rewrite inspect", description="per-layer table of a model; changes nothing")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3xHxW")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+    set_quiet(True)
+    try:
+        info = inspect_model(args.model, dict(parse_input_shape(s) for s in args.input_shape) or None)
+    except RewriterError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"rewrite: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(json.dumps(info, indent=2) if args.json else format_table(info))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["inspect"]:
+        return _inspect(argv[1:])
     args = build_parser().parse_args(argv)
     set_quiet(args.quiet)
     try:
