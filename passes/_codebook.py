@@ -17,7 +17,7 @@ from sklearn.cluster import KMeans
 CHUNK_ELEMENTS = 1 << 22
 
 
-def plain_kmeans(v: np.ndarray, k: int, seed: int, max_iter: int = 100) -> tuple[np.ndarray, np.ndarray]:
+def plain_kmeans(v: np.ndarray, k: int, seed: int, max_iter: int = 50) -> tuple[np.ndarray, np.ndarray]:
     """Plain k-means on the sub-vectors (rows of v): (centroids k x d, codes)."""
     km = KMeans(n_clusters=k, n_init=1, max_iter=max_iter, random_state=seed).fit(v)
     return km.cluster_centers_.astype(np.float64), km.labels_.astype(np.int64)
@@ -40,7 +40,7 @@ def assign(v3: np.ndarray, grams: np.ndarray, centroids: np.ndarray) -> tuple[np
         scores = quad[:, None, :] - 2.0 * (v @ gc)  # (bc, P, k), up to the constant v^T G v
         best = np.argmin(scores, axis=2)
         codes[start : start + step] = best
-        const = np.einsum("bpd,bde,bpe->", v, g, v)
+        const = float(np.sum(v * (v @ g)))
         total += float(np.take_along_axis(scores, best[..., None], axis=2).sum()) + float(const)
     return codes, total
 
@@ -109,7 +109,7 @@ def activation_em(
 def weight_error(v3: np.ndarray, grams: np.ndarray, centroids: np.ndarray, codes: np.ndarray) -> float:
     """The output objective of given codes (same quantity `assign` minimises)."""
     e = v3 - centroids[codes]
-    return float(np.einsum("bpd,bde,bpe->", e, grams, e))
+    return float(np.sum(e * (e @ grams)))
 
 
 def binarize(m: np.ndarray, bases: int) -> tuple[np.ndarray, np.ndarray]:
@@ -134,7 +134,7 @@ def refit_alpha(
     signs (N, m, K), target w (N, K) in the original model, new = X'^T X', cross = X'^T X (K x K)."""
     z = np.einsum("nmk,kl->nml", signs, new)
     lhs = np.einsum("nml,npl->nmp", z, signs)  # S G S^T per output
-    rhs = np.einsum("nmk,kl,nl->nm", signs, cross, target)
+    rhs = np.einsum("nmk,nk->nm", signs, target @ cross.T)
     scale = np.trace(lhs, axis1=1, axis2=2) / signs.shape[1]
     lhs += (ridge * np.maximum(scale, 1e-30))[:, None, None] * np.eye(signs.shape[1])
     rhs += (ridge * np.maximum(scale, 1e-30))[:, None] * start
@@ -152,7 +152,6 @@ def compensated_target(m: np.ndarray, new: np.ndarray, cross: np.ndarray, ridge:
 
 def output_error_rel(w: np.ndarray, approx: np.ndarray, new: np.ndarray, cross: np.ndarray, old: np.ndarray) -> float:
     """||X' A^T - X W^T|| / ||X W^T|| for output-major W, A (N x K), from the input moments."""
-    reference = float(np.einsum("nk,kl,nl->", w, old, w))
-    error = (float(np.einsum("nk,kl,nl->", approx, new, approx))
-             - 2.0 * float(np.einsum("nk,kl,nl->", approx, cross, w)) + reference)
+    reference = float(np.sum(w * (w @ old.T)))
+    error = float(np.sum(approx * (approx @ new.T))) - 2.0 * float(np.sum(approx * (w @ cross.T))) + reference
     return math.sqrt(max(error, 0.0) / max(reference, 1e-30))
