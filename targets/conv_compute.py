@@ -18,7 +18,11 @@ PAD_BLOCK = "rw_pad"
 
 def legalize_map() -> dict[str, Any]:
     """Legalisations to pass to `relax.transform.LegalizeOps` ahead of the zero pipeline."""
-    return {"relax.nn.conv2d": _legalize_conv2d, "relax.sigmoid": _legalize_sigmoid}
+    return {
+        "relax.nn.conv2d": _legalize_conv2d,
+        "relax.nn.conv2d_transpose": _legalize_conv2d_transpose,
+        "relax.sigmoid": _legalize_sigmoid,
+    }
 
 
 def _legalize_conv2d(bb: Any, call: Any) -> Any:
@@ -37,6 +41,24 @@ def _legalize_conv2d(bb: Any, call: Any) -> Any:
     if int(attrs.groups) == 1:
         return bb.call_te(conv2d_nchwc, call.args[0], call.args[1], **args, primfunc_name_hint="conv2d_nchwc")
     return bb.call_te(dwconv2d_nchwc, call.args[0], call.args[1], **args, primfunc_name_hint="dwconv2d_nchwc")
+
+
+def _legalize_conv2d_transpose(bb: Any, call: Any) -> Any:
+    from tvm.relax.transform.legalize_ops.nn import _nn_conv2d_transpose
+
+    attrs = call.attrs
+    plain = (
+        attrs.data_layout == "NCHW" and attrs.kernel_layout == "IOHW" and attrs.out_layout == "NCHW"
+        and int(attrs.groups) == 1 and all(int(v) == 1 for v in attrs.dilation)
+        and attrs.out_dtype in ("", None) and call.ty.shape is not None
+    )
+    if not plain:
+        return _nn_conv2d_transpose(bb, call)
+    return bb.call_te(
+        conv2d_transpose_nchw, call.args[0], call.args[1],
+        strides=[int(v) for v in attrs.strides], padding=[int(v) for v in attrs.padding],
+        out_hw=[int(call.ty.shape[2]), int(call.ty.shape[3])], primfunc_name_hint="conv2d_transpose",
+    )
 
 
 def _legalize_sigmoid(bb: Any, call: Any) -> Any:
@@ -108,3 +130,29 @@ def dwconv2d_nchwc(data: Any, kernel: Any, strides: list[int], padding: list[int
         ),
         name=DWCONV_BLOCK,
     )
+
+
+def conv2d_transpose_nchw(data: Any, weight: Any, strides: list[int], padding: list[int], out_hw: list[int]) -> Any:
+    """Transposed conv as a gather over only the taps that hit an input pixel (no zero-stuffed input).
+
+    out[n, o, y, x] = sum over c and the taps ky = (y + pad) % s + ry * s (iy = (y + pad) // s - ry)
+    that fall inside the kernel and the input; TVM's default dilates the input with zeros first.
+    """
+    from tvm import te, tirx
+
+    batch, channels, height, width = (int(v) for v in data.shape)
+    _, filters, kh, kw = (int(v) for v in weight.shape)
+    (sh, sw), (top, left) = strides, padding[:2]
+    rc = te.reduce_axis((0, channels), name="rc")
+    ry = te.reduce_axis((0, -(-kh // sh)), name="ry")
+    rx = te.reduce_axis((0, -(-kw // sw)), name="rx")
+
+    def tap(n: Any, o: Any, y: Any, x: Any) -> Any:
+        ky, kx = (y + top) % sh + ry * sh, (x + left) % sw + rx * sw
+        iy, ix = (y + top) // sh - ry, (x + left) // sw - rx
+        inside = tirx.all(ky < kh, kx < kw, iy >= 0, iy < height, ix >= 0, ix < width)
+        value = data[n, rc, tirx.max(tirx.min(iy, height - 1), 0), tirx.max(tirx.min(ix, width - 1), 0)] * weight[
+            rc, o, tirx.min(ky, kh - 1), tirx.min(kx, kw - 1)]
+        return te.sum(tirx.if_then_else(inside, value, tirx.const(0.0, data.dtype)), axis=[rc, ry, rx])
+
+    return te.compute((batch, filters, *out_hw), tap, name="rw_conv2d_transpose")

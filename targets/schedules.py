@@ -11,10 +11,11 @@ parallelise the fused kernels live in `schedule_rules.py`.
 
 from __future__ import annotations
 
-import math
+import warnings
 from typing import Any
 
 from rewriter.targets import conv_compute
+from rewriter.targets.presets import one_line
 
 
 def vector_lanes(target: Any) -> int:
@@ -41,38 +42,121 @@ def layout_pipeline(target: Any) -> Any:
     block = channel_block(target)
     return tvm.transform.Sequential(
         [
-            split_to_slices(block),
-            relax.transform.ConvertLayout({}, _layout_choice(block)),
+            relax.transform.DecomposeOpsForInference(),  # batch_norm -> scale and shift the layout pass can carry
+            split_to_slices(),
+            blocked_layout(block),
             relax.transform.LegalizeOps(conv_compute.legalize_map(), enable_warning=False),
         ],
         name="rewriter_cpu_layout",
     )
 
 
+def blocked_layout(max_block: int) -> Any:
+    """ConvertLayout with one channel block for the whole model, the one that covers the most MACs.
+
+    One block size throughout: TVM 0.27's ConvertLayout cannot convert between two blocked
+    layouts (NCHW16c -> NCHW8c fails), and converting through NCHW would cost a pass each time.
+    """
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name="RewriterBlockedLayout")
+    def run(mod: Any, _ctx: Any) -> Any:
+        convs = _conv_shapes(mod)
+        block = pick_block([(c, o, g, macs) for c, o, g, macs in convs], max_block)
+        if block is None:
+            return mod
+        try:
+            return relax.transform.ConvertLayout({}, _layout_choice(block))(mod)
+        except Exception as exc:  # an op whose layout inference TVM gets wrong: stay in NCHW (correct, slower)
+            warnings.warn(f"blocked conv layout not applied: {one_line(exc)}", stacklevel=1)
+            return mod
+
+    return run
+
+
+def pick_block(convs: list[tuple[int, int, int, int]], max_block: int) -> int | None:
+    """The channel block (max_block, max_block/2, ..., 4) covering the most conv MACs; ties go to
+    the wider block, and a narrower one must cover 20% more MACs to be chosen."""
+    best, best_macs = None, 0.0
+    size = max_block
+    while size >= 4:
+        covered = sum(macs for c, o, g, macs in convs if _blockable(c, o, g, size))
+        if covered > 1.2 * best_macs:
+            best, best_macs = size, covered
+        size //= 2
+    return best
+
+
+def _blockable(channels: int, filters: int, groups: int, block: int) -> bool:
+    if filters % block:
+        return False
+    if groups == 1:
+        return channels % block == 0 or channels < block
+    return groups == channels == filters
+
+
+def _conv_shapes(mod: Any) -> list[tuple[int, int, int, int]]:
+    """(in channels, out channels, groups, MACs) of every static NCHW conv2d in the module."""
+    from tvm import relax
+
+    found = []
+
+    def visit(expr: Any) -> None:
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm_op()) and expr.op.name == "relax.nn.conv2d":
+            shapes = _static_conv(expr)
+            if shapes is not None:
+                found.append(shapes)
+
+    for _gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return found
+
+
+def tvm_op() -> type:
+    import tvm
+
+    return tvm.ir.Op
+
+
+def _static_conv(call: Any) -> tuple[int, int, int, int] | None:
+    attrs = call.attrs
+    data, weight, out = call.args[0].ty.shape, call.args[1].ty.shape, call.ty.shape
+    if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW" or data is None or len(data) != 4:
+        return None
+    try:
+        dims = [int(v) for v in (*data, *weight, *out)]
+    except TypeError:  # symbolic shape
+        return None
+    channels, filters, groups = dims[1], dims[4], int(attrs.groups)
+    macs = dims[8] * dims[9] * dims[10] * dims[11] * dims[5] * dims[6] * dims[7]
+    return channels, filters, groups, macs
+
+
 def _layout_choice(block: int):
-    """ConvertLayout callback: NCHW[b]c for a conv whose channel counts are multiples of b, else NCHW."""
+    """ConvertLayout callback: NCHW[block]c for every conv `_blockable` with `block`, else NCHW."""
 
     def choose(call: Any) -> dict[str, list[str]]:
+        if call.op.name == "relax.nn.conv2d_transpose":  # its layout inference fails on blocked inputs
+            return {"relax.nn.conv2d_transpose": ["NCHW", "IOHW", "NCHW"]}
         if call.op.name != "relax.nn.conv2d":
             return {}
-        attrs = call.attrs
-        data_shape, weight_shape = call.args[0].ty.shape, call.args[1].ty.shape
-        if len(data_shape) != 4 or attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW":
+        shapes = _static_conv(call)
+        if shapes is None:
             return {}
-        channels, filters = int(data_shape[1]), int(weight_shape[0])
-        groups = int(attrs.groups)
-        if groups == 1 and filters % block == 0:
-            # Few input channels (an RGB stem) form one block; otherwise the largest common block.
-            in_block = channels if channels < block else math.gcd(channels, block)
+        channels, filters, groups, _ = shapes
+        if not _blockable(channels, filters, groups, block):
+            return {"relax.nn.conv2d": ["NCHW", "OIHW", "NCHW"]}
+        if groups == 1:
+            in_block = block if channels % block == 0 else channels  # an RGB stem is one block
             return {"relax.nn.conv2d": [f"NCHW{in_block}c", f"OIHW{in_block}i{block}o", f"NCHW{block}c"]}
-        if groups == channels == filters and channels % block == 0:
-            return {"relax.nn.conv2d": [f"NCHW{block}c", f"OIHW1i{block}o", f"NCHW{block}c"]}
-        return {"relax.nn.conv2d": ["NCHW", "OIHW", "NCHW"]}
+        return {"relax.nn.conv2d": [f"NCHW{block}c", f"OIHW1i{block}o", f"NCHW{block}c"]}
 
     return choose
 
 
-def split_to_slices(block: int) -> Any:
+def split_to_slices() -> Any:
     """Rewrite channel splits of 4-D tensors into strided slices.
 
     TVM 0.27's ConvertLayout rewrites a `split` of a blocked (NCHW16c) tensor with the channel
