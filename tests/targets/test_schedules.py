@@ -1,0 +1,197 @@
+"""targets: rule-based CPU schedules (blocked conv layout, register-tiled conv, reductions) against onnxruntime."""
+
+from __future__ import annotations
+
+import sys
+import zlib
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from rewriter.targets.schedules import _blockable, pick_block
+from tests.helpers import SAMPLES, make_model, run_ort, value
+
+tvm = pytest.importorskip("tvm")
+
+
+def _init(name: str, shape: tuple[int, ...], scale: float = 0.3) -> onnx.TensorProto:
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+
+def _bn(prefix: str, channels: int) -> list[onnx.TensorProto]:
+    rng = np.random.default_rng(zlib.crc32(prefix.encode()))
+    arrays = [rng.uniform(0.5, 1.5, channels), rng.standard_normal(channels) * 0.1,
+              rng.standard_normal(channels) * 0.1, rng.uniform(0.5, 1.5, channels)]
+    return [numpy_helper.from_array(a.astype(np.float32), f"{prefix}_{k}")
+            for a, k in zip(arrays, ("scale", "bias", "mean", "var"), strict=True)]
+
+
+def conv_zoo() -> onnx.ModelProto:
+    """The layer kinds of YOLOv8n, MobileNetV3 and DBNet at small sizes, each with its epilogue."""
+    node = helper.make_node
+    nodes = [
+        node("Conv", ["x", "w0", "b0"], ["c0"], pads=[1, 1, 1, 1], strides=[2, 2]),  # RGB stem, strided
+        node("Sigmoid", ["c0"], ["s0"]), node("Mul", ["c0", "s0"], ["a"]),  # SiLU
+        node("Split", ["a", "split"], ["a1", "a2"], axis=1),  # C2f split into half blocks
+        node("Conv", ["a2", "w1", "b1"], ["c1"]),  # 1x1
+        node("Concat", ["a1", "c1"], ["cat"], axis=1),
+        node("Conv", ["cat", "w2"], ["c2"]),
+        node("BatchNormalization", ["c2", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["n2"]),
+        node("Relu", ["n2"], ["d"]),
+        node("Conv", ["d", "w3", "b3"], ["c3"], pads=[1, 1, 1, 1], group=32),  # depthwise
+        node("HardSwish", ["c3"], ["e"]),
+        node("Conv", ["e", "w4", "b4"], ["c4"], pads=[2, 2, 2, 2], dilations=[2, 2]),  # dilated
+        node("Add", ["c4", "e"], ["f"]),  # residual
+        node("Conv", ["f", "w5", "b5"], ["g"], pads=[1, 1, 1, 1], group=4),  # grouped
+        node("Conv", ["g", "w6", "b6"], ["h"]),  # 12 output channels: no whole block
+        node("ConvTranspose", ["h", "w7", "b7"], ["t"], kernel_shape=[2, 2], strides=[2, 2]),
+        node("Sigmoid", ["t"], ["ts"]),
+        node("MaxPool", ["ts"], ["pool"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        node("GlobalAveragePool", ["f"], ["gap"]), node("Flatten", ["gap"], ["flat"]),
+        node("Gemm", ["flat", "wg", "bg"], ["logits"], transB=1),
+    ]
+    inits = [
+        _init("w0", (16, 3, 3, 3)), _init("b0", (16,)), numpy_helper.from_array(np.array([8, 8]), "split"),
+        _init("w1", (8, 8, 1, 1)), _init("b1", (8,)), _init("w2", (32, 16, 1, 1)), *_bn("bn", 32),
+        _init("w3", (32, 1, 3, 3)), _init("b3", (32,)), _init("w4", (32, 32, 3, 3), 0.1), _init("b4", (32,)),
+        _init("w5", (32, 8, 3, 3), 0.1), _init("b5", (32,)), _init("w6", (12, 32, 1, 1)), _init("b6", (12,)),
+        _init("w7", (12, 8, 2, 2)), _init("b7", (8,)), _init("wg", (5, 32)), _init("bg", (5,)),
+    ]
+    outputs = [value("pool", [1, 8, 16, 16]), value("logits", [1, 5])]
+    return make_model(nodes, [value("x", [1, 3, 16, 16])], outputs, inits)
+
+
+def transposed_convs() -> onnx.ModelProto:
+    """ConvTranspose with overlapping taps, padding and output padding (DBNet-style heads and others)."""
+    node = helper.make_node
+    nodes = [
+        node("ConvTranspose", ["x", "w0", "b0"], ["t0"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+             output_padding=[1, 1]),
+        node("Relu", ["t0"], ["r0"]),
+        node("ConvTranspose", ["r0", "w1"], ["y"], kernel_shape=[4, 4], strides=[2, 2], pads=[1, 1, 1, 1]),
+    ]
+    inits = [_init("w0", (8, 16, 3, 3)), _init("b0", (16,)), _init("w1", (16, 4, 4, 4))]
+    return make_model(nodes, [value("x", [1, 8, 5, 7])], [value("y", [1, 4, 20, 28])], inits)
+
+
+def _lower(model: onnx.ModelProto):
+    """Import, fuse and schedule the way build_artifact does for the x86 preset; (module, target)."""
+    from rewriter.targets.lower import fuse_pipeline, import_onnx, schedule_pipeline
+    from rewriter.targets.presets import make_tvm_target, resolve_target
+
+    target = make_tvm_target(resolve_target("x86"))
+    with target:
+        fused = fuse_pipeline()(import_onnx(model))
+        return schedule_pipeline(target)(fused), target
+
+
+def _run(scheduled, target, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    from tvm import relax
+
+    with target:
+        executable = tvm.compile(scheduled, target=target, relax_pipeline="default_build")
+    device = tvm.cpu()
+    out = relax.VirtualMachine(executable, device)["main"](*[tvm.runtime.tensor(x, device) for x in inputs])
+    return [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
+
+
+def _kernels(scheduled) -> dict[str, bool]:
+    return {gv.name_hint: bool(f.attrs is not None and f.attrs.get("tirx.is_scheduled", False))
+            for gv, f in scheduled.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+def _assert_close_relative(outputs: list[np.ndarray], reference: list[np.ndarray], rtol: float = 1e-4) -> None:
+    for out, ref in zip(outputs, reference, strict=True):
+        np.testing.assert_allclose(out, ref, rtol=rtol, atol=rtol * float(np.abs(ref).max()))
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    model = conv_zoo()
+    return model, *_lower(model)
+
+
+def _check_against_onnxruntime(model, scheduled, target) -> None:
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    kernels = _kernels(scheduled)
+    assert all(kernels.values()), [name for name, done in kernels.items() if not done]
+    _assert_close_relative(_run(scheduled, target, [x]), run_ort(model, {"x": x}))
+
+
+def test_conv_zoo_matches_onnxruntime_with_every_kernel_scheduled(zoo):
+    _check_against_onnxruntime(*zoo)
+
+
+def test_transposed_convs_match_onnxruntime():
+    model = transposed_convs()
+    scheduled, target = _lower(model)
+    assert any("conv2d_transpose" in name for name in _kernels(scheduled))
+    _check_against_onnxruntime(model, scheduled, target)
+
+
+def test_blocked_layout_reaches_regular_depthwise_and_transposed_convs(zoo):
+    _, scheduled, _ = zoo
+    names = " ".join(_kernels(scheduled))
+    assert names.count("dwconv2d_nchwc") == 1  # the depthwise conv
+    # With 16-channel blocks: the RGB stem, the 16->32 1x1 and the dilated 3x3. The 8->8 1x1, the
+    # grouped conv and the 12-channel conv stay NCHW (their channels are not whole blocks).
+    assert names.replace("dwconv2d_nchwc", "").count("conv2d_nchwc") == 3
+    assert "conv2d_transpose" in names
+
+
+def test_weights_are_repacked_at_compile_time(zoo):
+    """No kernel repacks a weight at run time: every weight layout_transform was folded to a constant."""
+    _, scheduled, _ = zoo
+    packs = [gv.name_hint for gv, f in scheduled.functions_items()
+             if "layout_transform" in gv.name_hint and len(f.params[-1].shape) == 6]  # OIHW -> blocked weights
+    main = scheduled["main"].script(show_meta=False).splitlines()
+    assert not [line for line in main if any(name + "," in line for name in packs)]
+    assert not [line for line in main if "layout_transform" in line and "metadata[" in line]
+
+
+def test_pick_block_covers_most_macs_and_prefers_wide_blocks():
+    convs = [(64, 64, 1, 1000), (72, 72, 72, 10), (3, 16, 1, 50)]
+    assert pick_block(convs, 16) == 16
+    mobilenet_like = [(72, 72, 72, 1000), (24, 72, 1, 1000), (72, 24, 1, 1000), (16, 16, 1, 10)]
+    assert pick_block(mobilenet_like, 16) == 8
+    assert pick_block([(5, 7, 1, 100)], 16) is None
+    assert pick_block(convs, 8) == 8
+
+
+def test_blockable_rules():
+    assert _blockable(3, 16, 1, 16)  # RGB stem: one input block
+    assert not _blockable(24, 32, 1, 16)  # 24 input channels cannot be whole 16-blocks
+    assert _blockable(32, 32, 32, 16)  # depthwise
+    assert not _blockable(32, 32, 4, 16)  # grouped stays NCHW
+    assert not _blockable(32, 12, 1, 16)
+
+
+@pytest.fixture(scope="module")
+def real():
+    sys.path.insert(0, str(SAMPLES))
+    from fetch_real_models import build_calibration, default_cache, fetch_models
+
+    cache = default_cache()
+    return fetch_models(cache), build_calibration(cache)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["yolov8n", "dbnet"])
+def test_real_model_untuned_build_matches_onnxruntime(real, name):
+    from rewriter.canonical import canonicalize
+
+    models, calibs = real
+    original = onnx.load(str(models[name]))
+    input_name = original.graph.input[0].name
+    with np.load(calibs[name]) as data:
+        x = np.ascontiguousarray(data[input_name][:1], np.float32)
+    model = canonicalize(original, {input_name: list(x.shape)})
+    scheduled, target = _lower(model)
+    kernels = _kernels(scheduled)
+    assert all(kernels.values())
+    assert sum("conv2d_nchwc" in n for n in kernels) >= 10
+    _assert_close_relative(_run(scheduled, target, [x]), run_ort(model, {input_name: x}))
