@@ -27,7 +27,7 @@ from rewriter.registry import register_pass
 
 from ._prune_fit import Moments, contributions, lasso_select, magnitude_select, ridge_refit
 from ._prune_layers import Consumer, find_consumer, has_bias_slot, sample_positions, weight_matrix, write_weights
-from ._prune_surgery import remove_atoms
+from ._prune_surgery import drop_unused_initializers, remove_atoms
 
 NEEDS_DATA = "LASSO selection and the least-squares refit read activations; or --opt prune.criterion=l1"
 PAIRS_PER_CONSUMER = 6000  # (row, output) entries each consumer adds to the LASSO problem
@@ -97,6 +97,7 @@ class PrunePass:
             return PassResult(model, [], {"unchanged": "no channel removed at this ratio", "groups": records})
         pruned = remove_atoms(model, cg, removed)
         refits = self._refit(model, pruned, cg, removed, consumers, ctx) if self.refit else {}
+        drop_unused_initializers(pruned)  # the refits replaced the sliced weights
         notes = {"ratio": ratio, "criterion": self.criterion, "refit": self.refit,
                  "channels_removed": len(removed), "groups": records, "refits": refits}
         return PassResult(pruned, changed, notes)

@@ -71,6 +71,8 @@ def test_dead_channels_leave_through_every_coupling_and_nothing_changes(build, r
     result = PrunePass(ratio=0.5, refit=refit).run(model, _context())
     new = checked(result.model, "prune")
     assert count_macs(new) < count_macs(model)
+    used = {name for node in new.graph.node for name in node.input}
+    assert all(t.name in used for t in new.graph.initializer)
     x = np.random.default_rng(7).normal(size=(1, 4, 6, 6)).astype(np.float32)
     expected, got = run_ort(model, {"x": x})[0], run_ort(new, {"x": x})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
