@@ -1,0 +1,99 @@
+"""The README's distill table: held-out fidelity of compressed models before and after `distill`.
+
+    python benchmarks/distill_results.py                  # digits samples (minutes)
+    python benchmarks/distill_results.py --real           # also YOLOv8n and the MobileNetV3 classifier
+    python benchmarks/distill_results.py --real --only yolov8n --steps 150
+
+Each row runs one pipeline (compression pass, then distill) through `rewriter.rewrite` and reads the report:
+the figures are the pipeline's own held-out fidelity (samples distill never saw) after the compression pass and
+after distill, with the steps distill ran and its wall time. Wall time depends on the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from common import SAMPLES, real_models, table
+
+from rewriter import rewrite
+
+# (model, passes, options of the compression passes)
+SAMPLE_RUNS = [
+    ("digits_vgg", ["svd"], {"svd": {"rank_ratio": 0.25, "data_aware": False}}),
+    ("digits_mobilenet", ["pq"], {"pq": {"k": 16}}),
+    ("digits_resnet", ["binary"], {}),
+]
+REAL_RUNS = [
+    ("yolov8n", ["prune"], {"prune": {"ratio": 0.3}}),
+    ("yolov8n", ["pq"], {}),
+    ("mobilenetv3_cls", ["pq"], {}),
+    ("mobilenetv3_cls", ["binary"], {"binary": {"bases": 3}}),
+]
+
+
+def _fmt(fid: dict | None, key: str, pct: bool = False) -> str:
+    if not fid or key not in fid:
+        return "–"
+    return f"{fid[key]:.1%}" if pct else f"{fid[key]:.3f}"
+
+
+def _row(name: str, path: Path, calib: Path, passes: list[str], options: dict, distill: dict) -> tuple[list, dict]:
+    start = time.perf_counter()
+    result = rewrite(path, passes=[*passes, "distill"], calib=calib, options={**options, "distill": distill})
+    records = result.report["passes"]
+    before, after, notes = records[-2]["fidelity"], records[-1]["fidelity"], records[-1]["notes"]
+    ratio = records[0]["bytes_before"] / max(records[-1]["bytes_after"], 1)
+    spec = "+".join(f"{p}({', '.join(f'{k}={v}' for k, v in options.get(p, {}).items())})" for p in passes)
+    row = [name, spec, f"×{records[-1]['macs_after'] / records[0]['macs_before']:.2f}", f"/{ratio:.1f}",
+           f"{_fmt(before, 'channel_cosine_min')} → {_fmt(after, 'channel_cosine_min')}",
+           f"{_fmt(before, 'top1_agreement', True)} → {_fmt(after, 'top1_agreement', True)}",
+           f"{_fmt(before, 'accuracy_after', True)} → {_fmt(after, 'accuracy_after', True)}",
+           notes.get("steps", 0), f"{records[-1]['seconds'] / 60:.1f}", notes.get("stopped", notes.get("kept", ""))]
+    detail = {"model": name, "passes": passes, "options": options, "distill": distill,
+              "before": {k: before.get(k) for k in ("channel_cosine_min", "cosine", "top1_agreement", "drop")},
+              "after": {k: after.get(k) for k in ("channel_cosine_min", "cosine", "top1_agreement", "drop")},
+              "distill_notes": {k: v for k, v in notes.items() if k != "history"}, "history": notes.get("history"),
+              "seconds_total": round(time.perf_counter() - start, 1)}
+    return row, detail
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--real", action="store_true", help="also the pretrained models")
+    parser.add_argument("--only", default="", help="comma-separated model names to run")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--minutes", type=float, default=15.0)
+    parser.add_argument("--loss", default="kd,feat")
+    parser.add_argument("--json", type=Path, help="write per-run details (history included) here")
+    args = parser.parse_args()
+    distill = {"steps": args.steps, "batch": args.batch, "minutes": args.minutes, "loss": args.loss,
+               "eval_every": 25, "patience": 4}
+    runs = [(name, SAMPLES / f"{name}.onnx", SAMPLES / "digits_calib.npz", p, o) for name, p, o in SAMPLE_RUNS]
+    if args.real:
+        real = real_models()
+        runs += [(name, *real[name], p, o) for name, p, o in REAL_RUNS]
+    only = {n.strip() for n in args.only.split(",") if n.strip()}
+    rows, details = [], []
+    for name, path, calib, passes, options in runs:
+        if only and name not in only:
+            continue
+        row, detail = _row(name, path, calib, passes, options, distill)
+        rows.append(row)
+        details.append(detail)
+        print(table(HEADER, [row]).splitlines()[-1], flush=True)
+    print()
+    print(f"distill: steps<={args.steps}, batch {args.batch}, loss {args.loss}, budget {args.minutes} min")
+    print(table(HEADER, rows))
+    if args.json:
+        args.json.write_text(json.dumps(details, indent=1))
+
+
+HEADER = ["model", "compression", "MACs", "size", "worst channel cosine", "top-1 agreement", "accuracy",
+          "distill steps", "distill min", "stopped"]
+
+if __name__ == "__main__":
+    main()
