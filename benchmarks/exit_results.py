@@ -4,6 +4,7 @@ the x86 TVM library, samples fed one by one.
 
     python benchmarks/exit_results.py            # digits ResNet-style sample
     python benchmarks/exit_results.py --real     # also the MobileNetV3 text-direction classifier
+    TVM_NUM_THREADS=2 python benchmarks/exit_results.py   # both runtimes on 2 threads (default 1)
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TVM_NUM_THREADS", "2")  # read when TVM's runtime starts: set before importing it
+# One thread by default, for TVM and onnxruntime alike: at batch 1 these models are too small to gain from
+# more, and on a shared machine a thread pool's waits swamp them. TVM reads it at start: set it before import.
+THREADS = int(os.environ.setdefault("TVM_NUM_THREADS", "1"))
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
@@ -28,12 +31,12 @@ from rewriter.loading import load_model, serialize  # noqa: E402
 from rewriter.passes._exit_graph import probe_model  # noqa: E402
 from rewriter.progress import set_quiet  # noqa: E402
 
-ROUNDS = 5
+ROUNDS = 7
 
 
 def _session(model_bytes: bytes) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
+    options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
@@ -47,23 +50,22 @@ def _vm(library: Path):
     return relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
 
 
-def _mean_ms(run, feeds: list) -> float:
-    """Mean time per sample over the held-out samples, fed one by one."""
-    start = time.perf_counter()
-    for feed in feeds:
-        run(feed)
-    return (time.perf_counter() - start) / len(feeds) * 1e3
-
-
 def _latencies(variants: dict, feeds: list) -> dict[str, float]:
-    """Median over rounds of each variant's mean per-sample time; variants alternate within a round."""
+    """Mean time per sample, samples fed one by one: the variants take turns on every sample (so that load
+    from other processes hits them alike), and the median over rounds of each variant's mean is kept."""
     for run in variants.values():  # warm up
         for feed in feeds[:5]:
             run(feed)
     rounds: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(ROUNDS):
-        for name, run in variants.items():
-            rounds[name].append(_mean_ms(run, feeds))
+        spent = dict.fromkeys(variants, 0.0)
+        for feed in feeds:
+            for name, run in variants.items():
+                start = time.perf_counter()
+                run(feed)
+                spent[name] += time.perf_counter() - start
+        for name in variants:
+            rounds[name].append(spent[name] / len(feeds) * 1e3)
     return {name: statistics.median(times) for name, times in rounds.items()}
 
 

@@ -73,7 +73,8 @@ class _Scores:
         self.dtype = outputs[0].type.tensor_type.elem_type
 
     def targets(self, values: np.ndarray) -> np.ndarray:
-        """Logits for the heads to fit (log-probabilities when the output is probabilities made elsewhere)."""
+        """Logits for the heads to fit, from the captured score tensor. An output that holds probabilities
+        with no Softmax in sight is fitted as log-probabilities, and early answers then get a Softmax."""
         if self.finish is None and np.all(values >= 0) and np.allclose(values.sum(axis=1), 1.0, atol=1e-3):
             self.from_probabilities, self.finish = True, "Softmax"
         return np.log(np.clip(values, 1e-12, None)) if self.from_probabilities else values
@@ -130,11 +131,9 @@ class ExitPass:
         thresholds = choose_thresholds(confs, agrees, self.agreement)
         costs = _costs([points[i] for i in keep], [head_macs[i] for i in keep])
         full = total + sum(head_macs[i] for i in keep)
-        specs = [
-            ExitSpec(points[i].tensor, len(points[i].shape), head.weight, head.bias, t)
-            for i, t, head in zip(keep, thresholds, (fit_head(features[i], logits, self.head, ctx.seed)
-                                                     for i in keep), strict=True)
-        ]
+        heads = [fit_head(features[i], logits, self.head, ctx.seed) for i in keep]  # deployed: all fit samples
+        specs = [ExitSpec(points[i].tensor, len(points[i].shape), h.weight, h.bias, t)
+                 for i, h, t in zip(keep, heads, thresholds, strict=True)]
         answer = Answer(scores.finish, scores.dtype)
         new = build_exit_model(model, scores.output, specs, self.criterion, answer)
         fit_stats = route(confs, agrees, thresholds)
