@@ -5,35 +5,14 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
 
 from rewriter import rewrite
 from rewriter.cli import main
-from rewriter.dominators import cut_tensors
 from rewriter.errors import ModelError
 from rewriter.passes._exit_graph import exit_conditions, probe_model
 from rewriter.passes._exit_heads import choose_thresholds, route, threshold_for
 from rewriter.registry import available_passes
-from tests.helpers import CALIB, SAMPLES, conv_model, make_model, run_ort, tensor, value
-
-
-def _residual_model() -> onnx.ModelProto:
-    """x -> conv a -> relu r -> (conv b -> relu c) + r -> s -> conv d -> y."""
-    rng = np.random.default_rng(0)
-    nodes = [
-        helper.make_node("Conv", ["x", "wa"], ["a"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["a"], ["r"]),
-        helper.make_node("Conv", ["r", "wb"], ["b"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["b"], ["c"]),
-        helper.make_node("Add", ["c", "r"], ["s"]),
-        helper.make_node("Conv", ["s", "wd"], ["y"]),
-    ]
-    inits = [tensor(n, rng.normal(size=(4, 4 if n != "wa" else 1, 3, 3))) for n in ("wa", "wb", "wd")]
-    return make_model(nodes, [value("x", [1, 1, 6, 6])], [value("y", [1, 4, 4, 4])], inits)
-
-
-def test_cut_tensors_skip_residual_branches():
-    assert cut_tensors(_residual_model()) == ["x", "a", "r", "s", "y"]
+from tests.helpers import CALIB, SAMPLES, conv_model, run_ort
 
 
 def test_threshold_is_the_lowest_that_keeps_agreement_with_one_error_to_spare():
