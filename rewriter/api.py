@@ -18,6 +18,7 @@ from .bench import ort_latency_ms
 from .calib import LABELS, Calibration, check_arrays, load_calibration, split, synthetic_calibration
 from .canonical import canonicalize, graph_inputs, resolve_input_shapes
 from .errors import UsageError
+from .inspection import layer_table
 from .interface import ensure_runs, restore_dynamic_dims
 from .layouts import parse_output_axis
 from .loading import external_data_files, load_model, save_model, serialize
@@ -26,6 +27,7 @@ from .pass_api import PassContext
 from .pipeline import Reference, checked, run_passes, warn_collapse
 from .progress import log
 from .registry import make_pass, resolve_options
+from .report_html import render as render_html
 from .settings import check_input_shapes, check_options, check_run_settings, pass_names
 
 # The package that lowers models through TVM; the core reaches it by name only.
@@ -141,6 +143,7 @@ def rewrite(
     ensure_runs(written)
     report = _report(path, original, base, final, records, reference, data)
     report["output"]["bytes"] = metrics.count_bytes(written)  # MACs at the fitted shape, bytes as written
+    report["layers"] = layer_table(final)
     report["interface"] = interface
     report.update(input_shapes=shapes, seed=seed, max_drop=max_drop, budget=_budget_report(budget, base, final),
                   versions=_versions())
@@ -289,8 +292,10 @@ def _write(
             result.report["bench"]["artifact_ms"] = _targets().artifact_latency_ms(artifact, spec, inputs)
         # The report is final only after every other file is in place; write it last.
         result.report["seconds"] = round(time.perf_counter() - start, 3)
+        (stage / "report.html").write_text(render_html(result.report))
         (stage / "report.json").write_text(json.dumps(result.report, indent=2) + "\n")
     result.out_dir = out_dir
-    result.artifacts = {"model": out_dir / "model.onnx", "report": out_dir / "report.json"}
+    result.artifacts = {"model": out_dir / "model.onnx", "report": out_dir / "report.json",
+                        "html": out_dir / "report.html"}
     if result.report["target"].get("artifact"):
         result.artifacts["library"] = out_dir / result.report["target"]["artifact"]

@@ -21,6 +21,7 @@ SILENT_CHANNEL = 1e-6
 # Sigmoid scores below this are background: their argmax is noise and is not scored (detectors' anchors).
 SCORE_THRESHOLD = 0.25
 IOU_MATCH = 0.5
+MAX_LISTED_CHANNELS = 4096  # per-channel cosines kept in the report (a recogniser may have 8,000 classes)
 
 Samples = Sequence[np.ndarray]
 
@@ -133,7 +134,8 @@ def _output_figures(ref: Samples, new: Samples, layout: OutputLayout, labels: np
     ref_norm = np.sqrt(sum(float(np.sum(r * r)) for r, _ in pairs))
     err_norm = np.sqrt(sum(float(np.sum((n - r) ** 2)) for r, n in pairs))
     figures.update(channel_cosine_min=float(cosines.min()), worst_channel=int(cosines.argmin()),
-                   rel_l2=float(err_norm / max(ref_norm, 1e-30)))
+                   rel_l2=float(err_norm / max(ref_norm, 1e-30)),
+                   channel_cosines=[round(float(c), 5) for c in cosines[:MAX_LISTED_CHANNELS]])
     if layout.has_classes and (found := top1_agreement(pairs, layout)) is not None:
         figures["top1_agreement"], figures["top1_positions"] = found
         if mismatched:

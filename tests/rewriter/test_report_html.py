@@ -1,0 +1,52 @@
+"""report.html: self-contained, and its plots are really drawn (headless Chromium screenshot)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from rewriter import rewrite
+from tests.helpers import CALIB, SAMPLES
+
+BAR = (0x2E, 0x86, 0xC1)  # the charts' bar colour
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    out = tmp_path_factory.mktemp("html") / "out"
+    result = rewrite(SAMPLES / "digits_mlp.onnx", passes=["svd"], calib=CALIB, out_dir=out,
+                     options={"svd": {"rank_ratio": 0.5}})
+    return result.artifacts["html"]
+
+
+def test_report_html_is_self_contained_with_every_section(page):
+    text = page.read_text()
+    assert not re.search(r"""(src|href)=["']?(https?:|//)""", text) and "<script" not in text
+    for section in ("pass by pass", "channel by channel", "Latency", "Layers of the rewritten model"):
+        assert section in text
+    assert text.count("<svg") >= 4 and text.count("<rect") >= 10
+
+
+def test_report_html_plots_render_in_a_browser(page, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no Chromium on this machine (.ci/run installs Debian's chromium)")
+    from PIL import Image
+
+    shot = tmp_path / "page.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--screenshot={shot}", "--window-size=1200,1800", page.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3).astype(int)
+    bars = np.all(np.abs(pixels - BAR) <= 6, axis=1).mean()
+    ink = (pixels.sum(axis=1) < 600).mean()
+    assert bars > 0.01, f"plots not drawn: {bars:.4f} of the page in bar colour"
+    assert ink > 0.002, "no text on the page"
