@@ -17,6 +17,7 @@ import networkx as nx
 import numpy as np
 import onnx
 
+from rewriter import capture
 from rewriter.channels import ChannelGraph, ChannelGroup, build_channel_graph, node_label
 from rewriter.errors import UsageError
 from rewriter.graph import GraphView
@@ -25,6 +26,7 @@ from rewriter.pass_api import PassContext, PassResult
 from rewriter.progress import progress
 from rewriter.registry import register_pass
 
+from ._prune_blocks import next_layers, output_error, residual_branches, without
 from ._prune_fit import Moments, contributions, lasso_select, magnitude_select, ridge_refit
 from ._prune_layers import Consumer, find_consumer, has_bias_slot, sample_positions, weight_matrix, write_weights
 from ._prune_surgery import drop_unused_initializers, remove_atoms
@@ -32,6 +34,7 @@ from ._prune_surgery import drop_unused_initializers, remove_atoms
 NEEDS_DATA = "LASSO selection and the least-squares refit read activations; or --opt prune.criterion=l1"
 PAIRS_PER_CONSUMER = 6000  # (row, output) entries each consumer adds to the LASSO problem
 REFIT_POSITIONS = 256  # input rows taken per image for the refit
+BLOCK_PROBE_SAMPLES = 16  # calibration samples each residual branch's removal is scored on
 
 
 def _rows_needed(k: int) -> int:
@@ -54,18 +57,31 @@ class PrunePass:
         min_channels: int = 1,
         round_to: int = 1,
         positions: int = 16,
+        blocks: int = 0,
     ) -> None:
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"ratio must be in [0, 1), got {ratio}")
         if criterion not in ("lasso", "l1"):
             raise ValueError(f"criterion must be 'lasso' or 'l1', got {criterion!r}")
-        if min_channels < 1 or round_to < 1 or positions < 1:
-            raise ValueError("min_channels, round_to and positions must be at least 1")
+        if min_channels < 1 or round_to < 1 or positions < 1 or blocks < 0:
+            raise ValueError("min_channels, round_to and positions must be at least 1, blocks at least 0")
         self.ratio, self.criterion, self.refit = ratio, criterion, refit
         self.min_channels, self.round_to, self.positions = min_channels, round_to, positions
         self.skip = {name.strip() for name in skip.split(",") if name.strip()}
+        self.blocks = blocks
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        dropped: dict = {}
+        if self.blocks:
+            model, dropped = self._drop_blocks(model, ctx)
+        result = self._prune_channels(model, ctx)
+        if dropped.get("removed"):
+            result.changed[:0] = dropped["removed"]
+            result.notes.pop("unchanged", None)
+        result.notes["blocks"] = dropped
+        return result
+
+    def _prune_channels(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         cg = build_channel_graph(model)
         records, candidates = {}, []
         for group in cg.groups():
@@ -101,6 +117,31 @@ class PrunePass:
         notes = {"ratio": ratio, "criterion": self.criterion, "refit": self.refit,
                  "channels_removed": len(removed), "groups": records, "refits": refits}
         return PassResult(pruned, changed, notes)
+
+    def _drop_blocks(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict]:
+        """Remove the `blocks` residual branches whose removal costs the least output fidelity on calibration
+        samples, then refit the layers that read their sums."""
+        branches = residual_branches(model)
+        if not branches:
+            return model, {"skipped": "no residual branch (y = x + f(x)) found"}
+        data = ctx.require_data("prune", "prune.blocks scores each residual branch on calibration outputs")
+        probe = data.take(np.arange(min(len(data), BLOCK_PROBE_SAMPLES)))
+        names = [o.name for o in model.graph.output]
+        reference = list(capture.run(model, probe, names))
+        costs = {b.label: output_error(reference, list(capture.run(without(model, [b]), probe, names)))
+                 for b in progress(branches, desc="prune: residual branches")}
+        chosen = sorted(branches, key=lambda b: (costs[b.label], b.label))[: self.blocks]
+        new = without(model, chosen)
+        drop_unused_initializers(new)
+        new = onnx.shape_inference.infer_shapes(new)
+        view = GraphView(new)
+        consumers = [c for c in (find_consumer(view, n) for n in next_layers(new, chosen)) if c is not None]
+        cg, refits = build_channel_graph(new), {}
+        if self.refit:
+            for wave in _waves(new, consumers):
+                refits.update(self._refit_wave(model, new, cg, set(), wave, ctx))
+            drop_unused_initializers(new)
+        return new, {"removed": [b.label for b in chosen], "output_error": costs, "refits": refits}
 
     def _why_not(self, group: ChannelGroup) -> str | None:
         if group.blocked:

@@ -175,3 +175,15 @@ def test_options_are_checked():
     model = n.model({"b": [1, 2, 6, 6]})
     with pytest.raises(UsageError):
         PrunePass(ratio=0.5).run(model, PassContext(fit=None))
+
+
+def test_blocks_drop_the_cheapest_residual_branch_and_refit_the_next_layer():
+    report = _digits("resnet", calib=_subset(240), ratio=0.0, blocks=1)
+    notes = report["passes"][0]["notes"]["blocks"]
+    costs = notes["output_error"]
+    assert len(costs) == 2  # the two identity-shortcut blocks; the projection-shortcut block is no candidate
+    assert notes["removed"] == [min(costs, key=costs.get)]
+    assert notes["refits"]
+    assert report["output"]["macs"] < 0.8 * report["input"]["macs"]
+    fid = report["fidelity"]
+    assert fid["accuracy_after"] >= fid["accuracy_before"] - 0.02
