@@ -5,6 +5,6 @@ TVM is imported lazily inside the functions, so importing this package is cheap.
 
 from rewriter.targets.lower import build_artifact
 from rewriter.targets.presets import TargetSpec, resolve_target
-from rewriter.targets.timing import artifact_latency_ms
+from rewriter.targets.timing import artifact_latency_ms, artifact_timing, runs_here
 
-__all__ = ["TargetSpec", "artifact_latency_ms", "build_artifact", "resolve_target"]
+__all__ = ["TargetSpec", "artifact_latency_ms", "artifact_timing", "build_artifact", "resolve_target", "runs_here"]

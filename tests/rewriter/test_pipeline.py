@@ -100,3 +100,10 @@ def test_zero_valued_flags_are_not_mistaken_for_absent(tmp_path):
     code = main([str(SAMPLES / "digits_mlp.onnx"), "--passes", "svd", "--calib", str(CALIB), "--quiet",
                  "--config", str(config), "--max-drop", "0", "--opt", "svd.rank_ratio=0.25", "-o", str(tmp_path / "o")])
     assert code == 4 and not (tmp_path / "o").exists()
+
+
+def test_bench_times_the_artifact_with_the_threads_onnxruntime_gets(tmp_path):
+    pytest.importorskip("tvm")
+    result = rewrite(SAMPLES / "digits_mlp.onnx", calib=CALIB, bench=True, target="x86", out_dir=tmp_path / "out")
+    bench = result.report["bench"]
+    assert bench["artifact_ms"] > 0 and bench["artifact_threads"] == bench["threads"] == 2
