@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from rewriter import rewrite
+from rewriter.errors import GuardrailError
 from rewriter.registry import available_passes
 from tests.helpers import CALIB, SAMPLES, run_ort
 
@@ -53,3 +54,9 @@ def test_pq_composes_after_a_structural_pass():
     assert records[1]["notes"]["forms"]["pq"] >= 1
     assert records[1]["bytes_after"] < records[0]["bytes_after"] / 4
     assert _accuracy_lost(result.report) <= 0.05
+
+
+def test_guardrail_refuses_what_the_codes_wreck():
+    with pytest.raises(GuardrailError):
+        rewrite(SAMPLES / "digits_mlp.onnx", passes=["pq"], calib=CALIB, max_drop=1e-4,
+                options={"pq": {"k": 2, "data_aware": False}})
