@@ -28,7 +28,7 @@ from .pipeline import Reference, checked, run_passes, warn_collapse
 from .progress import log
 from .registry import make_pass, resolve_options
 from .report_html import render as render_html
-from .settings import check_input_shapes, check_options, check_run_settings, pass_names
+from .settings import check_input_shapes, check_options, check_run_settings, check_target_options, pass_names
 
 # The package that lowers models through TVM; the core reaches it by name only.
 TARGETS_PACKAGE = "rewriter.targets"
@@ -97,6 +97,7 @@ def rewrite(
     bench: bool = False,
     budget: Mapping[str, float] | None = None,
     output_axes: Mapping[str, int | str] | None = None,
+    target_options: Mapping[str, str] | None = None,
 ) -> RewriteResult:
     """Canonicalise, run the passes with their checks, and (with out_dir) write model, artifact, report."""
     start = time.perf_counter()
@@ -109,7 +110,8 @@ def rewrite(
     path = None if isinstance(model, onnx.ModelProto) else Path(model)
     if out_dir is not None:
         check_out_dir(Path(out_dir), force, [path] if path is not None else [])
-    spec = _targets().resolve_target(target)
+    target_options = check_target_options(target_options)
+    spec = _targets().resolve_target(target, target_options)
     plan = _plan(passes, options)
     budget = check_budget(budget)
     output_axes = check_output_axes(output_axes)
@@ -148,8 +150,8 @@ def rewrite(
     report["interface"] = interface
     report.update(input_shapes=shapes, seed=seed, max_drop=max_drop, budget=_budget_report(budget, base, final),
                   versions=_versions())
-    report["target"] = {"name": spec.name, "tvm_target": spec.tvm_target, "artifact": None,
-                        "tuning_trials": tune_trials, "tuning_db": tuning_db}
+    report["target"] = {"name": spec.name, "tvm_target": spec.tvm_target, "options": target_options,
+                        "artifact": None, "tuning_trials": tune_trials, "tuning_db": tuning_db}
     result = RewriteResult(written, report)
     feed = _bench_feed(reference, shapes, original, seed) if bench else None
     if feed is not None:

@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench", action="store_true", help="time original, rewritten model and artifact")
     p.add_argument("--budget", default=None, metavar="macs=0.5",
                    help="budget-aware passes (svd) pick their strength to keep at most this share of MACs")
+    p.add_argument("--target-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="preset option: mcpu (x86, arm), mattr (arm), num-cores (x86), arch (cuda)")
     p.add_argument("--output-axis", action="append", default=[], metavar="NAME=AXIS[:scores]",
                    help="the feature axis of an output for fidelity (':scores' if it holds class scores)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
@@ -106,11 +108,11 @@ def _read_config(path: str | None) -> dict[str, Any]:
 def _merged(args: argparse.Namespace) -> dict[str, Any]:
     """Flags over the TOML config over built-in defaults."""
     config = _read_config(args.config)
-    for key in ("options", "input_shapes", "output_axes", "budget"):
+    for key in ("options", "input_shapes", "output_axes", "budget", "target_options"):
         if key in config and not isinstance(config[key], dict):
             raise UsageError(f"{key} in {args.config} must be a table, got {config[key]!r}")
     known = {"passes", "target", "out_dir", "calib", "options", "input_shapes", "max_drop", "holdout", "seed",
-             "tune_trials", "tuning_db", "force", "bench", "budget", "output_axes"}
+             "tune_trials", "tuning_db", "force", "bench", "budget", "output_axes", "target_options"}
     unknown = sorted(set(config) - known)
     if unknown:
         raise UsageError(f"unknown key(s) in {args.config}: {', '.join(unknown)}")
@@ -140,7 +142,18 @@ def _merged(args: argparse.Namespace) -> dict[str, Any]:
         "out_dir": pick("out_dir", None) or f"{Path(args.model).stem}.rewritten", "bench": pick("bench", False),
         "budget": parse_budget(args.budget) if args.budget else config.get("budget"),
         "output_axes": axes or None,
+        "target_options": {**config.get("target_options", {}), **_pairs(args.target_opt, "--target-opt")} or None,
     }
+
+
+def _pairs(items: Sequence[str], flag: str) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"malformed {flag} {item!r}: expected KEY=VALUE")
+        pairs[key.strip()] = value.strip()
+    return pairs
 
 
 def _unsupported(args: argparse.Namespace) -> None:

@@ -88,3 +88,12 @@ def check_run_settings(
     _number("tune_trials", tune_trials, 0, integer=True)
     _boolean("force", force)
     _boolean("bench", bench)
+
+
+def check_target_options(options: Any) -> dict[str, str]:
+    """--target-opt KEY=VALUE pairs for the presets (mcpu, mattr, num-cores, arch)."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+        raise UsageError(f"target_options must map option names to values, got {options!r}")
+    return {k: str(v) for k, v in options.items()}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,17 +47,36 @@ class TargetSpec:
         return target.get("kind") == "llvm" and str(target.get("mtriple", "")).startswith("aarch64")
 
 
-def resolve_target(spec: str) -> TargetSpec:
-    """Resolve 'none', 'x86', 'arm', 'cuda' or a TVM target JSON string; UsageError otherwise."""
+# --target-opt mcpu=... for arm: the cores people deploy to, with the vector features each really has.
+ARM_CPUS = {
+    "cortex-a53": ["+neon"],
+    "cortex-a72": ["+neon"],
+    "cortex-a76": ["+neon", "+dotprod", "+fullfp16"],
+    "neoverse-n1": ["+neon", "+dotprod", "+fullfp16"],
+}
+CUDA_ARCHS = ("sm_70", "sm_72", "sm_75", "sm_80", "sm_86", "sm_87", "sm_89", "sm_90")
+TARGET_OPTIONS = {"x86": ("mcpu", "num-cores"), "arm": ("mcpu", "mattr"), "cuda": ("arch",), "none": ()}
+
+
+def resolve_target(spec: str, options: Mapping[str, str] | None = None) -> TargetSpec:
+    """Resolve 'none', 'x86', 'arm', 'cuda' or a TVM target JSON string, with `--target-opt` options for the
+    presets; UsageError otherwise."""
     text = spec.strip()
+    options = dict(options or {})
+    if options and text not in TARGET_OPTIONS:
+        raise UsageError("--target-opt applies to the x86, arm and cuda presets; put options in the target JSON")
+    unknown = sorted(set(options) - set(TARGET_OPTIONS.get(text, ())))
+    if unknown:
+        raise UsageError(f"unknown --target-opt {', '.join(unknown)} for {text}; it takes: "
+                         f"{', '.join(TARGET_OPTIONS[text]) or 'none'}")
     if text == "none":
         return TargetSpec("none", None, None)
     if text == "x86":
-        return TargetSpec("x86", _checked(x86_target()), "x86")
+        return TargetSpec("x86", _checked(_with_options(x86_target(), options)), "x86")
     if text == "arm":
-        return TargetSpec("arm", _checked(dict(ARM_TARGET)), "arm")
+        return TargetSpec("arm", _checked(_arm_target(options)), "arm")
     if text == "cuda":
-        return TargetSpec("cuda", _checked(json.loads(json.dumps(CUDA_TARGET))), "cuda")
+        return TargetSpec("cuda", _checked(_cuda_target(options)), "cuda")
     if text.startswith("{"):
         return TargetSpec("custom", _checked(_parse_json(text)), "custom")
     raise UsageError(
@@ -74,6 +93,49 @@ def x86_target() -> dict[str, Any]:
         "mcpu": str(codegen.llvm_get_system_cpu()),
         "num-cores": os.cpu_count() or 1,
     }
+
+
+def _with_options(config: dict[str, Any], options: Mapping[str, str]) -> dict[str, Any]:
+    """x86: mcpu (an LLVM CPU name; x86-64-v3 is a portable AVX2 choice) and num-cores."""
+    if "mcpu" in options:
+        _known_cpu(options["mcpu"], config)
+        config["mcpu"] = options["mcpu"]
+    if "num-cores" in options:
+        try:
+            config["num-cores"] = int(options["num-cores"])
+        except ValueError:
+            raise UsageError(f"--target-opt num-cores must be an integer, got {options['num-cores']!r}") from None
+    return config
+
+
+def _arm_target(options: Mapping[str, str]) -> dict[str, Any]:
+    config = dict(ARM_TARGET)
+    if "mcpu" in options:
+        cpu = options["mcpu"]
+        _known_cpu(cpu, config)
+        config["mcpu"], config["mattr"] = cpu, list(ARM_CPUS.get(cpu, ["+neon"]))
+    if "mattr" in options:
+        config["mattr"] = [a.strip() for a in options["mattr"].split(",") if a.strip()]
+    return config
+
+
+def _cuda_target(options: Mapping[str, str]) -> dict[str, Any]:
+    config = json.loads(json.dumps(CUDA_TARGET))
+    if "arch" in options:
+        if options["arch"] not in CUDA_ARCHS:
+            raise UsageError(f"--target-opt arch={options['arch']} is not one of {', '.join(CUDA_ARCHS)}")
+        config["arch"] = options["arch"]
+    return config
+
+
+def _known_cpu(cpu: str, config: dict[str, Any]) -> None:
+    """LLVM silently falls back to a generic CPU for a name it does not know: refuse it instead."""
+    import tvm
+    from tvm.target import codegen
+
+    known = codegen.llvm_get_cpu_archlist(tvm.target.Target({k: v for k, v in config.items() if k != "mcpu"}))
+    if cpu not in known:
+        raise UsageError(f"--target-opt mcpu={cpu} is not a CPU LLVM knows for {config.get('mtriple', 'this host')}")
 
 
 def make_tvm_target(spec: TargetSpec) -> Any:
