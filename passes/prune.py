@@ -105,6 +105,10 @@ class PrunePass:
             if keeps[group.key] >= group.size:
                 record["skipped"] = f"ratio {ratio:.3f} removes no channel of {group.size}"
                 continue
+            unfit = [c for c in group.consumers if c not in consumers]
+            if self.refit and unfit:  # removing channels a layer reads without refitting it costs too much
+                record["skipped"] = f"consumer(s) {', '.join(unfit)} cannot be refitted by least squares"
+                continue
             kept, record["scoring"] = self._select(cg, group, keeps[group.key], consumers, rows, rng)
             removed.update(a for i, unit in enumerate(group.units) if i not in set(kept) for a in unit)
             record["size_after"] = len(kept)
@@ -162,10 +166,11 @@ class PrunePass:
         return min(size, max(keep, self.min_channels))
 
     def _consumers(self, cg: ChannelGraph, groups: list[ChannelGroup]) -> dict[str, Consumer]:
-        nodes = {node_label(n): n for n in cg.view.graph.node}
+        wanted = {c for g in groups for c in g.consumers}
         found = {}
-        for label in {c for g in groups for c in g.consumers}:
-            consumer = find_consumer(cg.view, nodes[label])
+        for node in cg.view.graph.node:  # graph order: the random row samples must not depend on set order
+            label = node_label(node)
+            consumer = find_consumer(cg.view, node) if label in wanted else None
             if consumer is not None:
                 found[label] = consumer
         return found
