@@ -28,7 +28,14 @@ from .pipeline import Reference, checked, run_passes, warn_collapse
 from .progress import log
 from .registry import make_pass, resolve_options
 from .report_html import render as render_html
-from .settings import check_input_shapes, check_options, check_run_settings, check_target_options, pass_names
+from .settings import (
+    check_input_shapes,
+    check_options,
+    check_remote,
+    check_run_settings,
+    check_target_options,
+    pass_names,
+)
 
 # The package that lowers models through TVM; the core reaches it by name only.
 TARGETS_PACKAGE = "rewriter.targets"
@@ -98,6 +105,8 @@ def rewrite(
     budget: Mapping[str, float] | None = None,
     output_axes: Mapping[str, int | str] | None = None,
     target_options: Mapping[str, str] | None = None,
+    rpc: str | None = None,
+    device_key: str | None = None,
 ) -> RewriteResult:
     """Canonicalise, run the passes with their checks, and (with out_dir) write model, artifact, report."""
     start = time.perf_counter()
@@ -111,6 +120,7 @@ def rewrite(
     if out_dir is not None:
         check_out_dir(Path(out_dir), force, [path] if path is not None else [])
     target_options = check_target_options(target_options)
+    check_remote(rpc, device_key, bench, tune_trials, out_dir)
     spec = _targets().resolve_target(target, target_options)
     plan = _plan(passes, options)
     budget = check_budget(budget)
@@ -157,7 +167,8 @@ def rewrite(
     if feed is not None:
         report["bench"] = _bench(base, final, feed)
     if out_dir is not None:
-        _write(result, final, Path(out_dir), spec, force, tune_trials, tuning_db, start, feed)
+        remote = (rpc, device_key) if rpc is not None else None
+        _write(result, final, Path(out_dir), spec, force, tune_trials, tuning_db, start, feed, remote)
     report["seconds"] = round(time.perf_counter() - start, 3)
     return result
 
@@ -278,7 +289,7 @@ def _calib_report(data: Calibration | None, ref: Reference | None) -> dict | Non
 
 def _write(
     result: RewriteResult, static: onnx.ModelProto, out_dir: Path, spec, force: bool, tune_trials: int, tuning_db,
-    start: float, feed: dict[str, np.ndarray] | None,
+    start: float, feed: dict[str, np.ndarray] | None, remote: tuple[str, str] | None = None,
 ) -> None:
     """model.onnx with the user's interface, the artifact built from the `static` (fitted-shape) model, the report."""
     with staged_dir(out_dir, force) as stage:
@@ -292,7 +303,13 @@ def _write(
         if feed is not None and target.get("artifact"):
             log("timing the artifact")
             inputs = [feed[v.name] for v in graph_inputs(static)]
-            if _targets().runs_here(spec):  # TVM's thread pool is sized per process: time it in a fresh one
+            if remote is not None:
+                tracker, key = remote
+                log(f"timing the artifact on a {key!r} device from the tracker at {tracker}")
+                timing = _targets().remote_timing(artifact, inputs, tracker, key)
+                result.report["bench"].update(artifact_ms=timing["ms"], remote={
+                    "tracker": tracker, "device_key": key, "devices": timing["devices"]})
+            elif _targets().runs_here(spec):  # TVM's thread pool is sized per process: time it in a fresh one
                 timing = _targets().artifact_timing(artifact, inputs, BENCH_THREADS)
                 result.report["bench"].update(artifact_ms=timing["ms"], artifact_threads=timing["threads"])
             else:

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed for every random choice (default 0)")
     p.add_argument("--tune-trials", type=int, default=None, help="MetaSchedule trials (default 0: no tuning)")
     p.add_argument("--tuning-db", default=None, metavar="DIR", help="tuning database to reuse and extend")
-    p.add_argument("--rpc", default=None, metavar="HOST:PORT", help="remote measurement (not supported yet)")
+    p.add_argument("--rpc", default=None, metavar="HOST:PORT",
+                   help="a TVM RPC tracker: --bench times the artifact on one of its devices")
     p.add_argument("--device-key", default=None, help="RPC device key (with --rpc)")
     p.add_argument("--bench", action="store_true", help="time original, rewritten model and artifact")
     p.add_argument("--budget", default=None, metavar="macs=0.5",
@@ -112,7 +113,8 @@ def _merged(args: argparse.Namespace) -> dict[str, Any]:
         if key in config and not isinstance(config[key], dict):
             raise UsageError(f"{key} in {args.config} must be a table, got {config[key]!r}")
     known = {"passes", "target", "out_dir", "calib", "options", "input_shapes", "max_drop", "holdout", "seed",
-             "tune_trials", "tuning_db", "force", "bench", "budget", "output_axes", "target_options"}
+             "tune_trials", "tuning_db", "force", "bench", "budget", "output_axes", "target_options", "rpc",
+             "device_key"}
     unknown = sorted(set(config) - known)
     if unknown:
         raise UsageError(f"unknown key(s) in {args.config}: {', '.join(unknown)}")
@@ -141,7 +143,7 @@ def _merged(args: argparse.Namespace) -> dict[str, Any]:
         "tuning_db": pick("tuning_db", None), "force": pick("force", False),
         "out_dir": pick("out_dir", None) or f"{Path(args.model).stem}.rewritten", "bench": pick("bench", False),
         "budget": parse_budget(args.budget) if args.budget else config.get("budget"),
-        "output_axes": axes or None,
+        "output_axes": axes or None, "rpc": pick("rpc", None), "device_key": pick("device_key", None),
         "target_options": {**config.get("target_options", {}), **_pairs(args.target_opt, "--target-opt")} or None,
     }
 
@@ -154,11 +156,6 @@ def _pairs(items: Sequence[str], flag: str) -> dict[str, str]:
             raise UsageError(f"malformed {flag} {item!r}: expected KEY=VALUE")
         pairs[key.strip()] = value.strip()
     return pairs
-
-
-def _unsupported(args: argparse.Namespace) -> None:
-    if args.rpc or args.device_key:
-        raise UsageError("--rpc/--device-key remote measurement is not supported yet")
 
 
 class Terminated(BaseException):
@@ -196,7 +193,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     set_quiet(args.quiet)
     try:
-        _unsupported(args)
         settings = _merged(args)
         previous = signal.signal(signal.SIGTERM, _terminate)
         try:

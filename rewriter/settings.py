@@ -97,3 +97,15 @@ def check_target_options(options: Any) -> dict[str, str]:
     if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
         raise UsageError(f"target_options must map option names to values, got {options!r}")
     return {k: str(v) for k, v in options.items()}
+
+
+def check_remote(rpc: Any, device_key: Any, bench: bool, tune_trials: int, out_dir: Any) -> None:
+    """--rpc and --device-key go together, and only --bench uses them (remote tuning is not supported yet)."""
+    if rpc is None and device_key is None:
+        return
+    if not isinstance(rpc, str) or not isinstance(device_key, str) or not rpc or not device_key:
+        raise UsageError("--rpc HOST:PORT and --device-key KEY are given together")
+    if tune_trials:
+        raise UsageError("tuning on remote devices (--rpc with --tune-trials) is not supported yet; tune locally")
+    if not bench or out_dir is None:
+        raise UsageError("--rpc is used by --bench to time the built artifact on a remote device: add --bench")

@@ -5,6 +5,8 @@ TVM is imported lazily inside the functions, so importing this package is cheap.
 
 from rewriter.targets.lower import build_artifact
 from rewriter.targets.presets import TargetSpec, resolve_target
+from rewriter.targets.remote import remote_timing
 from rewriter.targets.timing import artifact_latency_ms, artifact_timing, runs_here
 
-__all__ = ["TargetSpec", "artifact_latency_ms", "artifact_timing", "build_artifact", "resolve_target", "runs_here"]
+__all__ = ["TargetSpec", "artifact_latency_ms", "artifact_timing", "build_artifact", "remote_timing",
+           "resolve_target", "runs_here"]

@@ -1,0 +1,89 @@
+"""Timing an artifact on a remote device through a TVM RPC tracker (`--rpc HOST:PORT --device-key KEY --bench`).
+
+The tracker is TVM's own device-farm broker: boards run `python -m tvm.exec.rpc_server --tracker HOST:PORT
+--key KEY`; we ask the tracker for one of them, upload the library, run it in the Relax VM there and time it
+with the same statistics as a local run. Every step has a deadline: an unreachable tracker, an unknown key,
+a busy farm or a device that drops mid-run give one line (exit 2 or 3), never a hang.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from rewriter.errors import ModelError, RewriterError, UsageError
+
+CONNECT_TIMEOUT_S = 5.0
+SESSION_TIMEOUT_S = 300.0
+
+
+def parse_tracker(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"bad --rpc {text!r}: expected HOST:PORT of a TVM RPC tracker")
+    return host, int(port)
+
+
+def _free_devices(host: str, port: int, key: str) -> int:
+    """How many devices the tracker holds for `key`; UsageError when it is unreachable or has none."""
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise UsageError(f"cannot reach the RPC tracker at {host}:{port}: {exc.strerror or exc}") from None
+    from tvm import rpc
+
+    summary = rpc.connect_tracker(host, port).summary()
+    queue = summary.get("queue_info", {})
+    if key not in queue:
+        known = ", ".join(sorted(queue)) or "none"
+        raise UsageError(f"the RPC tracker at {host}:{port} has no device with key {key!r} (keys: {known})")
+    return int(queue[key].get("free", 0))
+
+
+def _time_remote(path: Path, inputs: list[np.ndarray], host: str, port: int, key: str) -> dict:
+    import tvm
+    from tvm import relax, rpc
+
+    remote = rpc.connect_tracker(host, port).request(key, priority=1, session_timeout=SESSION_TIMEOUT_S)
+    remote.upload(str(path))
+    library = remote.load_module(path.name)
+    device = remote.cpu()
+    vm = relax.VirtualMachine(library, device)
+    args = [tvm.runtime.tensor(x, device) for x in inputs]
+    outputs = vm["main"](*args)
+    first = outputs if hasattr(outputs, "numpy") else outputs[0]
+    timer = vm.time_evaluator("main", device, number=20, repeat=5, min_repeat_ms=100)
+    return {"ms": float(timer(*args).median * 1e3), "first_output": first.numpy()}
+
+
+def remote_timing(
+    path: str | os.PathLike, inputs: list[np.ndarray], tracker: str, key: str, timeout_s: float = 600.0
+) -> dict:
+    """{"ms", "device_key", "tracker", "devices", "first_output"}: the artifact timed on a device from the
+    tracker. UsageError for tracker/key problems, ModelError when the device fails or does not answer in time."""
+    host, port = parse_tracker(tracker)
+    found: dict = {}
+
+    def work() -> None:
+        try:
+            found["devices"] = _free_devices(host, port, key)
+            found.update(_time_remote(Path(path), inputs, host, port, key))
+        except Exception as exc:  # noqa: BLE001 - reported below as one line
+            found["error"] = exc
+
+    thread = threading.Thread(target=work, daemon=True)  # daemon: a hung device cannot keep us alive
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise ModelError(f"the device {key!r} from {tracker} did not finish timing within {timeout_s:.0f} s")
+    error = found.get("error")
+    if isinstance(error, RewriterError):
+        raise error
+    if error is not None:
+        text = str(error).strip().splitlines()
+        raise ModelError(f"the device {key!r} from {tracker} failed: {text[0] if text else type(error).__name__}")
+    return {**found, "device_key": key, "tracker": tracker}
