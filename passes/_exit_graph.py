@@ -7,11 +7,12 @@ The rewritten graph, for exits 1..K at cut tensors t1..tK (each a dominator of t
                              else: segment 2 -> head 2 -> If(all done at exit 1 or 2)
                                                             then: early answer 2
                                                             else: ... last segment -> full answer
-                                                          -> Where(confident at 2, early 2, that)
-                                   -> Where(confident at 1, early 1, that)
+                                                          -> Where(done by exit 2, early 2, that)
+                                   -> Where(done by exit 1, early 1, that)
 
 A batch skips the tail only when every sample in it is confident; the Where nodes give each sample the
-answer it would get alone (its first confident exit), so batched and per-sample outputs are equal.
+answer it would get alone (its first confident exit), so batched and per-sample outputs are equal. A
+sample is confident at an exit when its head's confidence is above the exit's threshold.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ class _Builder:
 
 
 def _head_nodes(b: _Builder, k: int, spec: ExitSpec, criterion: str, done: str | None, out: list) -> dict[str, str]:
-    """Head k's nodes: pooled features -> logits -> answer, confidence, mask, and 'every sample done'."""
+    """Head k's nodes: pooled features -> logits -> answer; a per-sample score (> 0: done by exit k) and
+    'every sample done'."""
     p = f"exit{k}/"
     features = spec.tensor
     if spec.rank > 2:
@@ -104,38 +106,35 @@ def _head_nodes(b: _Builder, k: int, spec: ExitSpec, criterion: str, done: str |
     if b.answer.finish is not None:
         axis = {} if b.answer.finish == "Sigmoid" else {"axis": 1}
         early = b.node(out, b.answer.finish, [logits], p + "answer", **axis)
-    conf = _confidence_nodes(b, p, logits, criterion, spec.weight.shape[1], out)
-    # not (conf < threshold): GreaterOrEqual needs opset 12, exporters still write opset 11 models
-    below = b.node(out, "Less", [conf, b.const(p + "threshold", np.array(spec.threshold, b.dtype))], p + "below")
-    mask = b.node(out, "Not", [below], p + "confident")
-    if done is not None:
-        mask_or_done = b.node(out, "Or", [done, mask], p + "done")
-    else:
-        mask_or_done = mask
-    as_float = b.node(out, "Cast", [mask_or_done], p + "done_float", to=TensorProto.FLOAT)
-    lowest = b.node(out, "ReduceMin", [as_float], p + "all_done_float", keepdims=0)
-    cond = b.node(out, "Cast", [lowest], p + "all_done", to=TensorProto.BOOL)
-    return {"early": early, "mask": mask, "done": mask_or_done, "cond": cond}
+    excess = _excess_nodes(b, p, logits, criterion, spec.weight.shape[1], spec.threshold, out)
+    # score > 0: the sample is confident at this exit or an earlier one; the batch leaves when all are
+    score = b.node(out, "Max", [done, excess], p + "score") if done is not None else excess
+    lowest = b.node(out, "ReduceMin", [score], p + "lowest_score", keepdims=0)
+    cond = b.node(out, "Greater", [lowest, b.const(p + "zero", np.array(0.0, b.dtype))], p + "all_done")
+    return {"early": early, "done": score, "cond": cond}
 
 
-def _confidence_nodes(b: _Builder, p: str, logits: str, criterion: str, classes: int, out: list) -> str:
-    """(N, 1) confidence from the head's softmax; the same formulas as _exit_heads.confidence."""
+def _excess_nodes(
+    b: _Builder, p: str, logits: str, criterion: str, classes: int, threshold: float, out: list
+) -> str:
+    """(N, 1) confidence minus the threshold, from the head's softmax (the formulas of _exit_heads.confidence),
+    in as few nodes as possible: the early path runs them for every sample."""
     prob = b.node(out, "Softmax", [logits], p + "prob", axis=1)
-    if criterion == "entropy":
+    if criterion == "entropy":  # 1 - H / log(C) - threshold
         logp = b.node(out, "LogSoftmax", [logits], p + "logprob", axis=1)
         plogp = b.node(out, "Mul", [prob, logp], p + "plogp")
         scale = b.const(p + "entropy_scale", np.full((classes, 1), 1.0 / np.log(classes), b.dtype))
         neg = b.node(out, "MatMul", [plogp, scale], p + "neg_entropy")
-        return b.node(out, "Add", [neg, b.const(p + "one", np.array(1.0, b.dtype))], p + "conf")
+        return b.node(out, "Add", [neg, b.const(p + "offset", np.array(1.0 - threshold, b.dtype))], p + "excess")
     k = 1 if criterion == "max_prob" else 2
     if b.opset >= 10:
         top = b.node(out, "TopK", [prob, b.const(p + "k", np.array([k], np.int64))], p + "top", axis=1)
     else:
         top = b.node(out, "TopK", [prob], p + "top", axis=1, k=k)
-    if criterion == "max_prob":
-        return top
-    diff = b.const(p + "diff", np.array([[1.0], [-1.0]], b.dtype))
-    return b.node(out, "MatMul", [top, diff], p + "conf")
+    signs = np.array([[1.0]] if k == 1 else [[1.0], [-1.0]], b.dtype)  # top-1, or top-1 minus top-2
+    return b.node(out, "Gemm", [top, b.const(p + "signs", signs), b.const(p + "offset", np.array([-threshold],
+                                                                                                b.dtype))],
+                  p + "excess")
 
 
 def _fix_topk(nodes: list[onnx.NodeProto], names: _Names) -> None:
@@ -174,7 +173,10 @@ def build_exit_model(
     inner = last
     for k in range(len(exits), 0, -1):  # wrap from the innermost scope outwards
         head = heads[k - 1]
-        picked = b.node(inner, "Where", [head["mask"], head["early"], answer_name], f"exit{k}/answer_or_rest")
+        # Samples done at an earlier exit are answered by an outer Where, so "done by k" selects like "left at k".
+        mask = b.node(inner, "Greater", [head["done"], b.const(f"exit{k}/zero_", np.array(0.0, b.dtype))],
+                      f"exit{k}/done")
+        picked = b.node(inner, "Where", [mask, head["early"], answer_name], f"exit{k}/answer_or_rest")
         then: list[onnx.NodeProto] = []
         then_out = b.node(then, "Identity", [head["early"]], f"exit{k}/early")
         else_graph = _branch(inner, picked, f"exit{k}_rest", answer.dtype)

@@ -99,7 +99,7 @@ def confidence(logits: np.ndarray, criterion: str) -> np.ndarray:
 
 
 def threshold_for(conf: np.ndarray, agree: np.ndarray, target: float) -> tuple[float, int]:
-    """The lowest threshold whose exiting samples (conf >= threshold) agree with the model at `target`,
+    """The lowest threshold whose exiting samples (conf > threshold) agree with the model at `target`,
     even counting one more disagreement than observed (a margin for samples not seen).
 
     Returns (threshold, number exiting); the threshold sits halfway between two observed confidences,
@@ -128,12 +128,12 @@ class ExitStats:
 
 
 def route(confs: Sequence[np.ndarray], agrees: Sequence[np.ndarray], thresholds: Sequence[float]) -> ExitStats:
-    """Each sample leaves at the first exit whose confidence reaches its threshold."""
+    """Each sample leaves at the first exit whose confidence is above its threshold."""
     n = len(confs[0]) if confs else 0
     exits = np.full(n, len(thresholds))
     agree = np.ones(n, dtype=bool)
     for k in range(len(thresholds) - 1, -1, -1):  # the earliest exit wins: assign from the last one
-        leave = confs[k] >= thresholds[k]
+        leave = confs[k] > thresholds[k]
         exits[leave] = k
         agree[leave] = agrees[k][leave]
     return ExitStats(exits, agree)
@@ -148,7 +148,7 @@ def choose_thresholds(
     for conf, agree in zip(confs, agrees, strict=True):
         threshold, _ = threshold_for(conf[remaining], agree[remaining], target)
         thresholds.append(threshold)
-        remaining &= conf < threshold
+        remaining &= conf <= threshold
     return thresholds
 
 

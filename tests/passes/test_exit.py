@@ -175,3 +175,34 @@ def test_detector_is_refused(real, tmp_path):
     with pytest.raises(ModelError, match="classifier"):
         rewrite(model, passes=["exit"], calib=few, out_dir=out)
     assert not out.exists()
+
+
+def test_mlp_hidden_vectors_with_a_logistic_head_and_named_points():
+    from rewriter.calib import load_calibration
+    from rewriter.canonical import canonicalize
+    from rewriter.graph import GraphView
+    from rewriter.metrics import count_macs
+    from rewriter.pass_api import PassContext
+    from rewriter.passes.exit import ExitPass
+
+    model = canonicalize(onnx.load(SAMPLES / "digits_mlp.onnx"), {"input": [1, 1, 8, 8]})
+    points = [p.tensor for p in ExitPass()._points(model, count_macs(model))]
+    assert points and all(len(GraphView(model).static_shape(p)) == 2 for p in points)  # hidden vectors
+    data = load_calibration(CALIB, model).take(np.arange(400))
+    result = ExitPass(points=",".join(points), head="logistic", criterion="entropy").run(
+        model, PassContext(fit=data))
+    notes = result.notes
+    assert notes["candidates"] == points and all(len(e) for e in notes["exits"])
+    for exit_ in notes["exits"]:
+        assert exit_["fit_agreement"] is None or exit_["fit_agreement"] >= 0.99
+    feed = {"input": data.inputs["input"][:1]}
+    assert run_ort(result.model, feed)[0].shape == (1, 10)
+
+
+def test_bad_options_are_usage_errors():
+    from rewriter.errors import UsageError
+    from rewriter.registry import make_pass
+
+    for options in ({"criterion": "vibes"}, {"head": "forest"}, {"agreement": "1.5"}, {"folds": "1"}):
+        with pytest.raises(UsageError):
+            make_pass("exit", options)
