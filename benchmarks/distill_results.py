@@ -64,14 +64,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--real", action="store_true", help="also the pretrained models")
     parser.add_argument("--only", default="", help="comma-separated model names to run")
+    parser.add_argument("--compression", default="", help="comma-separated compression passes to run (default all)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--minutes", type=float, default=15.0)
     parser.add_argument("--loss", default="kd,feat")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write per-run details (history included) here")
     args = parser.parse_args()
-    distill = {"steps": args.steps, "batch": args.batch, "minutes": args.minutes, "loss": args.loss,
-               "eval_every": 25, "patience": 4}
+    distill = {"steps": args.steps, "batch": args.batch, "minutes": args.minutes, "loss": args.loss, "lr": args.lr,
+               "threads": args.threads,
+               "eval_every": args.eval_every, "patience": 4}
     runs = [(name, SAMPLES / f"{name}.onnx", SAMPLES / "digits_calib.npz", p, o) for name, p, o in SAMPLE_RUNS]
     if args.real:
         real = real_models()
@@ -79,14 +84,15 @@ def main() -> None:
     only = {n.strip() for n in args.only.split(",") if n.strip()}
     rows, details = [], []
     for name, path, calib, passes, options in runs:
-        if only and name not in only:
+        if only and name not in only or args.compression and passes[0] not in args.compression.split(","):
             continue
         row, detail = _row(name, path, calib, passes, options, distill)
         rows.append(row)
         details.append(detail)
         print(table(HEADER, [row]).splitlines()[-1], flush=True)
     print()
-    print(f"distill: steps<={args.steps}, batch {args.batch}, loss {args.loss}, budget {args.minutes} min")
+    print(f"distill: steps<={args.steps}, batch {args.batch}, lr {args.lr}, loss {args.loss}, "
+          f"budget {args.minutes} min, {args.threads} thread(s)")
     print(table(HEADER, rows))
     if args.json:
         args.json.write_text(json.dumps(details, indent=1))

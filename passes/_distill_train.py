@@ -33,6 +33,15 @@ def _better(new: dict, old: dict) -> bool:
     return new["drop"] <= old["drop"] + 1e-12 and new["score"] < old["score"] - IMPROVEMENT
 
 
+def _relative_groups(params: list[torch.nn.Parameter], lr: float) -> list[dict]:
+    """Adam moves every value by about lr per step whatever its scale, so each tensor's step is lr times its
+    RMS: `lr` is a relative change (a codebook, a binary scale and a bias move alike). Tensors near zero
+    (fresh biases) use a floor of the median RMS / 10."""
+    rms = [float(p.detach().pow(2).mean().sqrt()) for p in params]
+    floor = 0.1 * float(np.median(rms)) + 1e-12
+    return [{"params": [p], "lr": lr * max(r, floor)} for p, r in zip(params, rms, strict=True)]
+
+
 @contextmanager
 def torch_settings(seed: int, threads: int) -> Iterator[None]:
     """Seeded, deterministic, with a fixed thread count; the caller's settings come back afterwards."""
@@ -143,7 +152,7 @@ class Trainer:
         params = list(self.student.params.values())
         if not params or not opts.steps:
             return [], None, "nothing to train" if not params else "steps=0", 0
-        optimizer = torch.optim.Adam(params, lr=opts.lr)
+        optimizer = torch.optim.Adam(_relative_groups(params, opts.lr))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + np.cos(np.pi * s / opts.steps)))
         rng = np.random.default_rng(self.ctx.seed)
         stds = {k: float(v.std()) if v.dtype.kind == "f" else 0.0 for k, v in self.train.inputs.items()}

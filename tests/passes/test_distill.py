@@ -175,7 +175,7 @@ def svd_mlp():
 
 def test_distill_recovers_fidelity_after_svd(svd_mlp):
     teacher, student = svd_mlp
-    result = make_pass("distill", {"steps": 40, "eval_every": 10, "batch": 32, "threads": 1}).run(student, _context(teacher, 240))
+    result = make_pass("distill", {"steps": 40, "eval_every": 10, "batch": 32, "threads": 1, "lr": 1e-2}).run(student, _context(teacher, 240))
     notes = result.notes
     assert "kept" not in notes
     assert notes["val_after"]["drop"] < notes["val_before"]["drop"] - 0.05
