@@ -108,7 +108,10 @@ def _head_nodes(b: _Builder, k: int, spec: ExitSpec, criterion: str, done: str |
         early = b.node(out, b.answer.finish, [logits], p + "answer", **axis)
     excess = _excess_nodes(b, p, logits, criterion, spec.weight.shape[1], spec.threshold, out)
     # score > 0: the sample is confident at this exit or an earlier one; the batch leaves when all are
-    score = b.node(out, "Max", [done, excess], p + "score") if done is not None else excess
+    score = excess
+    if done is not None:  # max(done, excess) as done + relu(excess - done): TVM imports a two-input Max as a stack
+        gain = b.node(out, "Relu", [b.node(out, "Sub", [excess, done], p + "gain_raw")], p + "gain")
+        score = b.node(out, "Add", [done, gain], p + "score")
     lowest = b.node(out, "ReduceMin", [score], p + "lowest_score", keepdims=0)
     cond = b.node(out, "Greater", [lowest, b.const(p + "zero", np.array(0.0, b.dtype))], p + "all_done")
     return {"early": early, "done": score, "cond": cond}
