@@ -36,7 +36,7 @@ def kernel_profile(scheduled: Any, target: Any, number: int = 5, repeat: int = 3
     for gvar, func in scheduled.functions_items():
         if not isinstance(func, tvm.tirx.PrimFunc) or calls.get(gvar.name_hint, 0) == 0:
             continue
-        ms = _time_kernel(func, target, number, repeat)
+        ms = time_kernel(func, target, number, repeat)
         done = bool(func.attrs is not None and func.attrs.get("tirx.is_scheduled", False))
         rows.append(KernelTime(gvar.name_hint, calls[gvar.name_hint], ms, done))
     return sorted(rows, key=lambda row: -row.total_ms)
@@ -73,7 +73,8 @@ def _call_counts(mod: Any) -> Counter:
     return counts
 
 
-def _time_kernel(func: Any, target: Any, number: int, repeat: int) -> float:
+def time_kernel(func: Any, target: Any, number: int = 5, repeat: int = 3) -> float:
+    """Milliseconds per call of one PrimFunc on random inputs of its buffer shapes."""
     import tvm
 
     func = func.with_attr("global_symbol", "main")

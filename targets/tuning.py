@@ -82,6 +82,9 @@ def tune(
         # Ship build_candidate to the builder workers by value: they may not be able to import `targets`.
         cloudpickle.register_pickle_by_value(sys.modules[__name__])
         tasks = ms.relax_integration.extract_tasks(fused, target)
+        if target.kind.name == "llvm":
+            with contextlib.redirect_stdout(sys.stderr):
+                return _tune_from_rules(tasks, target, trials, work_dir, log)
         if log:
             log(f"tuning {len(tasks)} tasks for {trials} trials into {work_dir}")
         # Spread the budget over every task: an unscheduled task runs as naive single-threaded code,
@@ -110,3 +113,32 @@ def tune(
         raise ModelError(f"MetaSchedule tuning failed: {one_line(exc)}") from None
 
 
+
+
+def _tune_from_rules(tasks: list[Any], target: Any, trials: int, work_dir: str | os.PathLike,
+                     log: Callable[[str], None] | None) -> Any:
+    """CPU: trials by each task's MAC share, each search seeded with the rule schedule's measured record."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from rewriter.targets.tuning_seed import allocate_trials, budget_scheduler, seed_database, task_macs
+
+    budgets = allocate_trials(task_macs(tasks), trials)
+    chosen = [(task, count) for task, count in zip(tasks, budgets, strict=True) if count > 0]
+    database = ms.database.JSONDatabase(work_dir=str(work_dir))
+    seeded = seed_database(database, [task for task, _ in chosen], target, log)
+    if log:
+        log(f"tuning {len(chosen)} of {len(tasks)} tasks (by MAC share) for {trials} trials into {work_dir}; "
+            f"{seeded} seeded with the rule schedules")
+    if not chosen:
+        return database
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        [task for task, _ in chosen], str(work_dir), strategy=ms.search_strategy.EvolutionarySearch(
+            population_size=128, init_min_unmeasured=32, genetic_num_iters=2), seed=0)
+    counts = [count for _, count in chosen]
+    ms.tune.tune_tasks(
+        tasks=contexts, task_weights=weights, work_dir=str(work_dir), max_trials_global=sum(counts),
+        max_trials_per_task=max(counts), num_trials_per_iter=min(16, max(counts)),
+        builder=ms.builder.LocalBuilder(f_build=build_candidate), database=database,
+        task_scheduler=budget_scheduler(counts),
+    )
+    return database

@@ -1,0 +1,109 @@
+"""MetaSchedule from the rule-based schedules: trials by MAC share, the rules' schedule as the first record.
+
+- `allocate_trials`: each task gets trials in proportion to its share of the model's MACs
+  (multiply-accumulates of its reduction blocks times how often `main` calls it); kernels without
+  MACs (element-wise, layout changes) get none and keep the rule schedules.
+- `seed_database`: before the search, the rule schedule of every tuned task is measured and
+  committed as a tuning record, so the evolutionary search starts from it (its initial population
+  takes the best measured records) and the tuned build is never slower than the untuned one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def block_macs(func: Any) -> int:
+    """Multiply-accumulates of an unscheduled PrimFunc: the iteration space of each reduction block."""
+    from tvm import s_tir, tirx
+
+    sch = s_tir.Schedule(func)
+    total = 0
+    for ref in sch.get_child_blocks(sch.get_sblock("root")):
+        block = sch.get(ref)
+        if any(iv.iter_type != tirx.IterVar.DataPar for iv in block.iter_vars):
+            size = 1
+            for iv in block.iter_vars:
+                size *= int(iv.dom.extent)
+            total += size
+    return total
+
+
+def allocate_trials(macs: list[int], trials: int) -> list[int]:
+    """Split `trials` over tasks by MAC share (largest remainders); tasks without MACs get 0."""
+    total = sum(macs)
+    if total == 0 or trials <= 0:
+        return [0] * len(macs)
+    exact = [trials * m / total for m in macs]
+    counts = [int(e) for e in exact]
+    order = sorted(range(len(macs)), key=lambda i: exact[i] - counts[i], reverse=True)
+    for i in order[: trials - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def task_macs(tasks: list[Any]) -> list[int]:
+    """MACs per extracted task, times its call count."""
+    return [block_macs(task.dispatched[0]["main"]) * int(task.weight) for task in tasks]
+
+
+def seed_database(database: Any, tasks: list[Any], target: Any, log: Any = None) -> int:
+    """Commit the measured rule schedule of each task as a tuning record; returns how many were seeded."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.dlight.base.transform import _apply_rules
+
+    from rewriter.targets.profile import time_kernel
+    from rewriter.targets.schedule_rules import cpu_rules
+
+    seeded = 0
+    for task in tasks:
+        mod = task.dispatched[0]
+        schedules = _apply_rules(mod["main"], target, cpu_rules(target), tunable=False)
+        if not schedules:
+            continue
+        sch = schedules[0]
+        try:
+            seconds = time_kernel(sch.mod["main"], target) / 1e3
+        except Exception as exc:  # the rule schedule does not build here: let the search start from scratch
+            if log:
+                log(f"seed for {task.task_name} not measured: {exc}")
+            continue
+        workload = database.commit_workload(mod)
+        database.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, workload, [seconds], target, ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+        seeded += 1
+    return seeded
+
+
+def budget_scheduler(budgets: list[int]) -> Any:
+    """A MetaSchedule task scheduler that gives task i at most budgets[i] trials, the task furthest
+    below its budget first (MetaSchedule's own schedulers cap every task at the same count)."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.task_scheduler import PyTaskScheduler
+
+    @derived_object
+    class BudgetScheduler(PyTaskScheduler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.budgets = list(budgets)
+            self.done = [0] * len(budgets)
+            self.running: set[int] = set()
+
+        def next_task_id(self) -> int:
+            for task_id in list(self.running):
+                try:
+                    measured = len(self.join_running_task(task_id))
+                except Exception:  # MetaSchedule terminated the task (its space is exhausted): nothing ran
+                    measured = 0
+                self.running.discard(task_id)
+                self.done[task_id] += measured
+                if measured == 0:
+                    self.budgets[task_id] = self.done[task_id]
+            open_tasks = [i for i, b in enumerate(self.budgets) if self.done[i] < b]
+            if not open_tasks:
+                return -1
+            task_id = min(open_tasks, key=lambda i: self.done[i] / self.budgets[i])
+            self.running.add(task_id)
+            return task_id
+
+    return BudgetScheduler()
