@@ -138,7 +138,8 @@ def _rows(name: str, path: Path, calib: Path, peer: bool, timing: bool) -> list[
     def row(method: str, setting: str, model: onnx.ModelProto, fid: dict, secs: str) -> list:
         latency = "–"
         if timing:
-            latency = "{:.2f} → {:.2f}".format(*paired_latency_ms(base, model, feed))
+            # both at the static shape: model.onnx gets dynamic dims back, which costs onnxruntime time of its own
+            latency = "{:.2f} → {:.2f}".format(*paired_latency_ms(base, _static(model, shapes), feed))
         macs = count_macs(_static(model, shapes)) / macs0
         return [name, method, setting, f"{macs:.3f}", f"{count_params(model) / params0:.3f}", latency,
                 *_fidelity_cells(fid), secs]
