@@ -146,7 +146,7 @@ def test_non_empty_out_dir_refused_unless_forced(work, capsys):
     assert code == 2 and "not empty" in err and (out / "keep.txt").read_text() == "mine"
     code, err = _run(capsys, MLP, "--calib", CALIB, "-o", out, "--force")
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.html", "report.json"]
 
 
 def test_guardrail_exit_4_leaves_nothing_and_input_untouched(work, capsys):
