@@ -195,3 +195,24 @@ def test_real_model_untuned_build_matches_onnxruntime(real, name):
     assert all(kernels.values())
     assert sum("conv2d_nchwc" in n for n in kernels) >= 10
     _assert_close_relative(_run(scheduled, target, [x]), run_ort(model, {input_name: x}))
+
+
+def test_trials_follow_mac_share_and_skip_kernels_without_macs():
+    from rewriter.targets.tuning_seed import allocate_trials
+
+    assert allocate_trials([600, 300, 100, 0], 10) == [6, 3, 1, 0]
+    assert sum(allocate_trials([5, 5, 5], 64)) == 64
+    assert allocate_trials([0, 0], 8) == [0, 0]
+
+
+def test_block_macs_counts_reduction_blocks_only():
+    from tvm import te, topi
+
+    from rewriter.targets.conv_compute import conv2d_nchwc
+    from rewriter.targets.tuning_seed import block_macs
+
+    data = te.placeholder((1, 2, 6, 6, 8), name="x")
+    kernel = te.placeholder((2, 2, 3, 3, 8, 8), name="w")
+    out = topi.nn.relu(conv2d_nchwc(data, kernel, [1, 1], [1, 1, 1, 1], [1, 1]))
+    # 1 x 16 output channels x 6 x 6 pixels x (16 input channels x 3 x 3); the pad and relu add none
+    assert block_macs(te.create_prim_func([data, kernel, out])) == 16 * 36 * 16 * 9
