@@ -23,13 +23,13 @@ from rewriter import rewrite
 # (model, passes, options of the compression passes)
 SAMPLE_RUNS = [
     ("digits_vgg", ["svd"], {"svd": {"rank_ratio": 0.25, "data_aware": False}}),
-    ("digits_mobilenet", ["pq"], {"pq": {"k": 16}}),
+    ("digits_mobilenet", ["pq"], {"pq": {"k": 16, "block": 8}}),
     ("digits_resnet", ["binary"], {}),
 ]
 REAL_RUNS = [
     ("yolov8n", ["prune"], {"prune": {"ratio": 0.3}}),
     ("yolov8n", ["pq"], {}),
-    ("mobilenetv3_cls", ["pq"], {}),
+    ("mobilenetv3_cls", ["pq"], {"pq": {"k": 16, "block": 8}}),
     ("mobilenetv3_cls", ["binary"], {"binary": {"bases": 3}}),
 ]
 
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--minutes", type=float, default=15.0)
     parser.add_argument("--loss", default="kd,feat")
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write per-run details (history included) here")
     args = parser.parse_args()

@@ -153,7 +153,9 @@ class Trainer:
         if not params or not opts.steps:
             return [], None, "nothing to train" if not params else "steps=0", 0
         optimizer = torch.optim.Adam(_relative_groups(params, opts.lr))
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + np.cos(np.pi * s / opts.steps)))
+        warm = max(1, opts.steps // 10)  # Adam's first steps are full-size even on noise: ramp up, then cosine down
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * s / opts.steps)))
         rng = np.random.default_rng(self.ctx.seed)
         stds = {k: float(v.std()) if v.dtype.kind == "f" else 0.0 for k, v in self.train.inputs.items()}
         order, cursor = rng.permutation(len(self.train)), 0

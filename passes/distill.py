@@ -47,7 +47,7 @@ class DistillPass:
         self,
         *,
         steps: int = 200,
-        lr: float = 3e-3,
+        lr: float = 1e-3,
         batch: int = 16,
         loss: str = "kd,feat",
         temperature: float = 4.0,
