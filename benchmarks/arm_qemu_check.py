@@ -3,8 +3,8 @@
     python benchmarks/arm_qemu_check.py --passes svd                      # digits_resnet, 8 samples
     python benchmarks/arm_qemu_check.py --model samples/digits_mlp.onnx --passes svd --samples 16
 
-The aarch64 sysroot and site-packages are set up once under --work (Debian aarch64 packages and pip wheels for manylinux aarch64)
-(needs root for apt-get). Times under qemu mean nothing; this checks correctness only.
+The aarch64 sysroot and site-packages are set up once under --work (Debian aarch64 packages and pip wheels
+for manylinux aarch64; needs root for apt-get). Times under qemu mean nothing; this checks correctness only.
 """
 
 from __future__ import annotations
