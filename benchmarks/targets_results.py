@@ -1,11 +1,15 @@
-"""TVM x86 artifacts against onnxruntime: latency untuned and after MetaSchedule tuning, and output agreement.
+"""TVM x86 artifacts against onnxruntime: latency before the CPU schedule rules, with them, and tuned from them.
 
     python benchmarks/targets_results.py                                  # digits_resnet, mobilenetv3_cls; 64 trials
-    python benchmarks/targets_results.py --models yolov8n --trials 32     # sample or real-model names
+    python benchmarks/targets_results.py --models yolov8n --trials 0      # sample or real-model names; 0: no tuning
+    python benchmarks/targets_results.py --models yolov8n --profile       # also the per-kernel latency table
 
-Both builds run first, each in a child process (tuning never overlaps timing, and its leftover threads
-must not share the 2 cores); then ORT and the two artifacts are timed in alternating rounds in this one
-process, and the medians are reported (2 threads each). `tuning s` = tuned build − untuned build.
+Variants: `before` = the plain zero pipeline with no schedules (TVM 0.27's untuned CPU build, what
+targets/ did before the rules), `rules` = the untuned build (blocked layout and rule schedules),
+`tuned` = MetaSchedule from the rules for --trials trials in total. Every build runs first, each in a
+child process (tuning never overlaps timing, and its leftover threads must not share the 2 cores);
+then ORT and the artifacts are timed in alternating rounds in this one process, and the medians are
+reported (2 threads each), each also as a ratio to onnxruntime's median from the same rounds.
 """
 
 from __future__ import annotations
@@ -26,12 +30,11 @@ from pathlib import Path
 import numpy as np
 from common import SAMPLES, real_models, table
 
-from rewriter import rewrite
 from rewriter.bench import ort_latency_ms
 from rewriter.errors import RewriterError
 from rewriter.loading import serialize
 from rewriter.metrics import count_macs
-from rewriter.targets import artifact_latency_ms, build_artifact, resolve_target
+from rewriter.targets import build_artifact, resolve_target
 
 THREADS = 2
 
@@ -88,43 +91,123 @@ def _build(model, artifact: Path, trials: int, db: str | None) -> float:
                               log=_log)["build_seconds"]
 
 
-def _row(name: str, path: Path, calib: Path, trials: int, work: Path, rounds: int) -> list:
+def _build_before(model, artifact: Path, _trials: int, _db: str | None) -> float:
+    """TVM 0.27's own untuned CPU build: zero pipeline, no layout change, no schedules."""
+    import time
+
+    import tvm
+    from tvm import relax
+
+    from rewriter.targets.lower import import_onnx
+    from rewriter.targets.presets import make_tvm_target
+
+    start = time.perf_counter()
+    target = make_tvm_target(resolve_target("x86"))
+    with target:
+        fused = tvm.transform.Sequential([relax.transform.ConvertToDataflow(min_size=1),
+                                          relax.get_pipeline("zero")])(import_onnx(model))
+        tvm.compile(fused, target=target, relax_pipeline="default_build").export_library(str(artifact))
+    return time.perf_counter() - start
+
+
+def _latency_ms(artifact: Path, inputs: list[np.ndarray], budget_s: float = 1.0) -> float:
+    """Median ms per call; the number of calls per repeat adapts so a slow build is not timed for minutes."""
+    import time
+
+    import tvm
+    from tvm import relax
+
+    device = tvm.cpu()
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(artifact)), device)
+    args = [tvm.runtime.tensor(x, device) for x in inputs]
+    start = time.perf_counter()
+    vm["main"](*args)
+    once = time.perf_counter() - start
+    number = max(1, min(20, int(budget_s / 3 / max(once, 1e-6))))
+    return float(vm.time_evaluator("main", device, number=number, repeat=3)(*args).median * 1e3)
+
+
+def _static_model(path: Path, calib: Path):
+    """The model canonicalised at the calibration data's shapes (batch 1), as the CLI builds it."""
+    import onnx
+
+    from rewriter.canonical import canonicalize, graph_inputs
+
+    original = onnx.load(str(path))
+    with np.load(calib) as data:
+        shapes = {v.name: [1, *data[v.name].shape[1:]] for v in graph_inputs(original)}
+    return canonicalize(original, shapes)
+
+
+VARIANTS = ("before", "rules", "tuned")
+
+
+def _row(name: str, path: Path, calib: Path, trials: int, work: Path, rounds: int, profile: bool) -> list:
     import onnxruntime as ort
 
     _log(f"[{name}] canonicalising")
-    model = rewrite(path, calib=calib).model
+    model = _static_model(path, calib)
     names, inputs = _inputs(model, calib)
     feed = dict(zip(names, inputs, strict=True))
     blob = serialize(model)
     reference = [r.astype(np.float64) for r in ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
                  .run(None, feed)]
-    spec = resolve_target("x86")
-    artifacts: dict[str, Path | None] = {"untuned": work / f"{name}.untuned.so", "tuned": work / f"{name}.tuned.so"}
+    artifacts: dict[str, Path | None] = {kind: work / f"{name}.{kind}.so" for kind in VARIANTS}
+    builders = {"before": (_build_before, 0), "rules": (_build, 0), "tuned": (_build, trials)}
     seconds, notes = {}, {}
-    for kind, trial_count in (("untuned", 0), ("tuned", trials)):
+    for kind in VARIANTS:
+        builder, trial_count = builders[kind]
+        if kind == "tuned" and trials == 0:
+            artifacts[kind], notes[kind] = None, "–"
+            continue
         db = str(work / f"{name}.db") if trial_count else None
-        try:  # tune in a child process: its leftover threads must not share the cores with the timing below
+        _log(f"[{name}] building {kind}")
+        try:  # build in a child process: its leftover threads must not share the cores with the timing below
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                seconds[kind] = pool.submit(_build, model, artifacts[kind], trial_count, db).result()
+                seconds[kind] = pool.submit(builder, model, artifacts[kind], trial_count, db).result()
         except RewriterError as exc:
             _log(f"[{name}] {kind} build failed: {exc}")
             artifacts[kind], notes[kind] = None, f"failed: {exc}"
-    # Tuning is over (its process is gone): now time the variants in alternating rounds.
-    timings: dict[str, list[float]] = {"ort": [], "untuned": [], "tuned": []}
+    if profile:
+        _print_profile(name, model)
+    # Building is over (its processes are gone): now time the variants in alternating rounds.
+    timings: dict[str, list[float]] = {"ort": [], **{kind: [] for kind in VARIANTS}}
     for round_no in range(rounds):
         _log(f"[{name}] timing round {round_no + 1}/{rounds}")
         timings["ort"].append(ort_latency_ms(blob, feed, threads=THREADS))
-        for kind in ("untuned", "tuned"):
+        for kind in VARIANTS:
             if artifacts[kind] is not None:
-                timings[kind].append(artifact_latency_ms(artifacts[kind], spec, inputs))
+                timings[kind].append(_latency_ms(artifacts[kind], inputs))
+    ort_ms = statistics.median(timings["ort"])
 
     def cell(kind: str) -> str:
-        return f"{statistics.median(timings[kind]):.3f}" if timings[kind] else notes.get(kind, "–")
+        if not timings[kind]:
+            return notes.get(kind, "–")
+        ms = statistics.median(timings[kind])
+        return f"{ms:.3f} ({ms / ort_ms:.2f}×)"
 
-    diffs = [f"{_max_diff(artifacts[k], inputs, reference):.1e}" if artifacts[k] else "–" for k in ("untuned", "tuned")]
-    tuning = f"{seconds['tuned'] - seconds['untuned']:.0f}" if artifacts["tuned"] else "–"
-    return [name, f"{count_macs(model) / 1e6:.1f}M", cell("ort"), cell("untuned"), cell("tuned"), tuning,
-            " / ".join(diffs)]
+    diffs = [f"{_max_diff(artifacts[k], inputs, reference):.1e}" if artifacts[k] else "–" for k in ("rules", "tuned")]
+    tuning = f"{(seconds['tuned'] - seconds['rules']) / 60:.1f}" if artifacts["tuned"] else "–"
+    return [name, f"{count_macs(model) / 1e6:.1f}M", f"{ort_ms:.3f}", cell("before"), cell("rules"), cell("tuned"),
+            tuning, " / ".join(diffs)]
+
+
+def _print_profile(name: str, model) -> None:
+    """Per-kernel latency of the rules build (each fused kernel compiled and timed on its own)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        text = pool.submit(_profile_text, model).result()
+    print(f"\n{name}: slowest kernels of the untuned build with the rules\n\n{text}\n", flush=True)
+
+
+def _profile_text(model) -> str:
+    from rewriter.targets.lower import fuse_pipeline, import_onnx, schedule_pipeline
+    from rewriter.targets.presets import make_tvm_target
+    from rewriter.targets.profile import kernel_profile, profile_table
+
+    target = make_tvm_target(resolve_target("x86"))
+    with target:
+        scheduled = schedule_pipeline(target)(fuse_pipeline()(import_onnx(model)))
+    return profile_table(kernel_profile(scheduled, target), limit=12)
 
 
 def main() -> None:
@@ -133,17 +216,20 @@ def main() -> None:
     parser.add_argument("--models", default="digits_resnet,mobilenetv3_cls", help="comma-separated model names")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (median reported)")
     parser.add_argument("--keep", help="keep the artifacts and tuning databases in this folder")
+    parser.add_argument("--profile", action="store_true", help="print each model's slowest kernels (rules build)")
     args = parser.parse_args()
     import tvm
 
     _log(f"TVM threads: {tvm.runtime.num_threads()}, ORT threads: {THREADS}, timing rounds: {args.rounds}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="targets-results-") as tmp:
-        tmp = args.keep or tmp
+        work = Path(args.keep or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         for name, (path, calib) in _model_paths([m.strip() for m in args.models.split(",") if m.strip()]).items():
-            rows.append(_row(name, path, calib, args.trials, Path(tmp), args.rounds))
-    header = ["model", "MACs", "ORT ms", "TVM untuned ms", f"TVM tuned ms ({args.trials} trials)",
-              "tuning s", "max \\|TVM − ORT\\| (untuned / tuned)"]
+            rows.append(_row(name, path, calib, args.trials, work, args.rounds, args.profile))
+    header = ["model", "MACs", "ORT ms", "TVM before rules ms (×ORT)", "TVM rules, untuned ms (×ORT)",
+              f"TVM tuned from rules, {args.trials} trials ms (×ORT)", "tuning min",
+              "max \\|TVM − ORT\\| (rules / tuned)"]
     print(table(header, rows))
 
 
