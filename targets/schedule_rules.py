@@ -20,6 +20,9 @@ from rewriter.targets.conv_compute import CONV_BLOCK, DWCONV_BLOCK, PAD_BLOCK
 
 MAX_TILE = 12  # output columns per register tile (accumulators: tile x one vector register)
 MIN_PARALLEL = 8  # fuse outer loops until this many parallel iterations exist
+# Below this much work a kernel runs on one thread: waking the pool costs more than it saves, and on a
+# busy machine a descheduled worker stalls the whole barrier.
+MIN_PARALLEL_WORK = 1 << 20
 
 
 def cpu_rules(target: Any) -> list[Any]:
@@ -78,7 +81,8 @@ def schedule_blocked_conv(sch: Any, conv: Any, tile: int | None) -> None:
     xo, xi = sch.split(col, [None, tile or _column_tile(width)])
     sch.reorder(batch, chunk, row, xo, *reduce, xi, lane)
     outer = sch.fuse(batch, chunk, row)
-    sch.parallel(outer)
+    if _block_work(sch, conv) >= MIN_PARALLEL_WORK:
+        sch.parallel(outer)
     sch.reverse_compute_at(write, xo, preserve_unit_loops=True)
     # Loop kinds first: once the init is split off, the update block is no longer a reduction block.
     sch.vectorize(lane)
@@ -136,14 +140,17 @@ class InnerReduction(_Rule):
         reduce = [loop for loop, kind in zip(loops, kinds, strict=True) if kind == "R"]
         inner = spatial[-1] if len(spatial) > 1 else None
         if inner is not None:
+            work = _block_work(sch, block)
             sch.reorder(*spatial[:-1], *reduce, inner)
-            sch.parallel(_fuse_for_parallel(sch, spatial[:-1]))
+            outer = _fuse_for_parallel(sch, spatial[:-1])
+            if work >= MIN_PARALLEL_WORK:
+                sch.parallel(outer)
             if _extent(sch, inner) > 1:
                 sch.vectorize(inner)
             init = sch.decompose_reduction(block, reduce[0])
             if _extent(sch, inner) > 1:
                 _vectorize_last(sch, init)
-        else:
+        elif _block_work(sch, block) >= MIN_PARALLEL_WORK:
             sch.parallel(spatial[0])
         _schedule_leftovers(sch, exclude=(block,) if inner is None else (block, init))
         return sch
@@ -172,10 +179,14 @@ def _schedule_leftovers(sch: Any, exclude: tuple) -> None:
         loops = sch.get_loops(block)
         if not loops or any(k != "S" for k in _iter_kinds(sch, block)):
             continue
+        big = _block_work(sch, block) >= MIN_PARALLEL_WORK // 4
         if len(loops) == 1:
-            sch.parallel(loops[0])
+            if big:
+                sch.parallel(loops[0])
             continue
-        sch.parallel(_fuse_for_parallel(sch, loops[:-1]))
+        outer = _fuse_for_parallel(sch, loops[:-1])
+        if big:
+            sch.parallel(outer)
         if _extent(sch, loops[-1]) in (4, 8, 16, 32, 64):
             sch.vectorize(loops[-1])
 
@@ -223,6 +234,14 @@ def _iter_kinds(sch: Any, block: Any) -> list[str]:
 
 def _is_reduction(sch: Any, block: Any) -> bool:
     return "R" in _iter_kinds(sch, block)
+
+
+def _block_work(sch: Any, block: Any) -> int:
+    """Iterations of a block (for a reduction: its multiply-accumulates)."""
+    work = 1
+    for iv in sch.get(block).iter_vars:
+        work *= int(iv.dom.extent)
+    return work
 
 
 def _extent(sch: Any, loop: Any) -> int:
