@@ -187,7 +187,7 @@ class Trainer:
             if time.perf_counter() >= deadline:
                 stopped = "time budget"
                 break
-            if bad >= opts.patience:
+            if bad >= opts.patience and step < opts.steps:
                 stopped = "early stop: held-out fidelity stopped improving"
                 break
         return history, best, stopped, step
