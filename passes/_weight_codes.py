@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from rewriter.graph import GraphView, attributes, unique_name
+from rewriter.graph import GraphView, attributes, node_reads, unique_name
 from rewriter.layers import Conv2d, conv2d_geometry, conv_patches, rows
 from rewriter.pass_api import PassContext
 
@@ -33,24 +33,6 @@ def add_initializer(model: onnx.ModelProto, base: str, value: np.ndarray, dtype:
     name = unique_name(model, base)
     model.graph.initializer.append(numpy_helper.from_array(np.asarray(value).astype(dtype), name))
     return name
-
-
-def _reads(node: onnx.NodeProto) -> set[str]:
-    """A node's inputs, including outer-scope tensors its subgraphs read."""
-    names = {n for n in node.input if n}
-    for attr in node.attribute:
-        for graph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-            for inner in graph.node:
-                names |= _reads(inner)
-    return names
-
-
-def drop_unused_initializers(model: onnx.ModelProto) -> None:
-    used = set().union(*(_reads(node) for node in model.graph.node))
-    used.update(o.name for o in model.graph.output)
-    keep = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
 
 
 @dataclass
@@ -119,7 +101,7 @@ def independent_waves(model: onnx.ModelProto, layers: list[WeightLayer]) -> list
     producers = {out: node.output[0] for node in model.graph.node for out in node.output if out}
     for node in model.graph.node:
         graph.add_node(node.output[0])
-        graph.add_edges_from((producers[n], node.output[0]) for n in _reads(node) if n in producers)
+        graph.add_edges_from((producers[n], node.output[0]) for n in node_reads(node) if n in producers)
     keys = {layer.node.output[0]: layer for layer in layers}
     depth: dict[str, int] = {}
     for key in nx.topological_sort(graph):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from rewriter.graph import GraphView
+from rewriter.graph import GraphView, drop_unused_initializers
 from rewriter.pass_api import PassContext, PassResult
 from rewriter.progress import progress
 from rewriter.registry import register_pass
@@ -26,7 +26,6 @@ from ._weight_codes import (
     boundary_layers,
     capture_stats,
     copy_model,
-    drop_unused_initializers,
     find_weight_layer,
     independent_waves,
     insert_before,

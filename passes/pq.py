@@ -23,7 +23,7 @@ import math
 import numpy as np
 import onnx
 
-from rewriter.graph import GraphView
+from rewriter.graph import GraphView, drop_unused_initializers
 from rewriter.pass_api import PassContext, PassResult
 from rewriter.progress import progress
 from rewriter.registry import register_pass
@@ -35,7 +35,6 @@ from ._weight_codes import (
     capture_stats,
     copy_model,
     dense_decoder,
-    drop_unused_initializers,
     find_weight_layer,
     independent_waves,
     insert_before,
