@@ -149,6 +149,7 @@ class InputStats:
     cross: np.ndarray | None = None
     old: np.ndarray | None = None
     blocks: np.ndarray | None = None
+    group: int = 1  # per-group widths are padded separately to whole blocks
     count: int = 0
     pending: list = field(default_factory=list)  # (x, x', same) rows not yet folded in: few large products
     pending_rows: int = 0
@@ -214,9 +215,10 @@ def _empty_stats(layer: WeightLayer, block: int | None) -> InputStats | None:
     width = layer.full_width
     if wants_full(layer):
         return InputStats(np.zeros((width, width)), np.zeros((width, width)), np.zeros((width, width)))
-    if block is None or width % block:
+    if block is None:
         return None
-    return InputStats(blocks=np.zeros((width // block, block, block)))
+    per_group = math.ceil(width // layer.group / block)
+    return InputStats(blocks=np.zeros((layer.group * per_group, block, block)), group=layer.group)
 
 
 def _flush(st: InputStats) -> None:
@@ -237,7 +239,9 @@ def _accumulate(st: InputStats, x: np.ndarray, x_new: np.ndarray, same: bool) ->
         st.cross += old if same else x_new.T @ x
     else:
         b, d = st.blocks.shape[:2]
-        xb = x_new.reshape(len(x_new), b, d)
+        xg = x_new.reshape(len(x_new), st.group, -1)
+        xg = np.pad(xg, ((0, 0), (0, 0), (0, -xg.shape[2] % d)))
+        xb = xg.reshape(len(x_new), b, d)
         st.blocks += np.einsum("rbd,rbe->bde", xb, xb)
 
 
@@ -287,7 +291,8 @@ def _cast_to(model: onnx.ModelProto, src: str, dtype: np.dtype, base: str) -> tu
 def pq_decoder(
     model: onnx.ModelProto, layer: WeightLayer, codebook: np.ndarray, codes: np.ndarray, book_dtype: np.dtype
 ) -> tuple[list, str]:
-    """codebook (k, d) + uint8 codes (N, J) -> Gather -> Reshape (-> Transpose) -> Cast -> dense weight."""
+    """codebook (k, d) + uint8 codes (N, J) -> Gather (-> Slice off the padding) -> Reshape (-> Transpose)
+    -> Cast -> dense weight."""
     base = short_base(model, "pq")
     book = add_initializer(model, f"{base}.codebook", codebook, book_dtype)
     code = add_initializer(model, f"{base}.codes", codes, np.uint8)
@@ -296,6 +301,16 @@ def pq_decoder(
                               to=TensorProto.INT32),
              helper.make_node("Gather", [book, index], [gathered], name=unique_name(model, f"{base}.gather"),
                               axis=0)]
+    n, width = layer.matrix.shape
+    if codes.shape[1] * codebook.shape[1] != width:
+        flat, trimmed = unique_name(model, f"{base}.flat"), unique_name(model, f"{base}.trimmed")
+        starts, ends, axes = (_shape_const(model, f"{base}.{t}", [v]) for t, v in (("start", 0), ("end", width),
+                                                                                   ("axis", 1)))
+        nodes += [helper.make_node("Reshape", [gathered, _shape_const(model, f"{base}.rows", [n, -1])], [flat],
+                                   name=unique_name(model, f"{base}.flatten")),
+                  helper.make_node("Slice", [flat, starts, ends, axes], [trimmed],
+                                   name=unique_name(model, f"{base}.slice"))]
+        gathered = trimmed
     layout, out = _layout_nodes(model, layer, gathered, base)
     nodes += layout
     if np.dtype(book_dtype) != layer.weight.dtype:

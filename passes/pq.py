@@ -48,6 +48,16 @@ BOOK_DTYPES = {"float16": np.float16, "float32": np.float32}
 NEEDS_DATA = "the codebooks are fitted to each layer's outputs; or --opt pq.data_aware=false for plain k-means"
 
 
+def padded(m: np.ndarray, d: int) -> np.ndarray:
+    """M (N, Kg) with zero columns up to a multiple of d: a width like 179 (pruned) still splits into blocks."""
+    return np.pad(m, ((0, 0), (0, -m.shape[1] % d)))
+
+
+def padded_square(cov: np.ndarray, d: int) -> np.ndarray:
+    pad = -len(cov) % d
+    return np.pad(cov, ((0, pad), (0, pad)))
+
+
 def to_blocks(m: np.ndarray, group: int, d: int) -> np.ndarray:
     """Output-major M (N, Kg) -> sub-vectors (B, P, d): block b = (group, input block) shares one Gram."""
     n, kg = m.shape
@@ -133,10 +143,10 @@ class PqPass:
         return PassResult(model, changed, {**self._summary(details), "layers": details, "skipped": skipped})
 
     def _sub_size(self, layer: WeightLayer) -> int:
-        """Sub-vector size: the kernel's spatial block, or `block` input channels (a divisor of the width)."""
+        """Sub-vector size: the kernel's spatial block, or `block` input channels (the width padded to fit)."""
         if layer.spatial > 1:
             return layer.spatial
-        return math.gcd(layer.matrix.shape[1], self.block)
+        return min(self.block, layer.matrix.shape[1])
 
     def _plan(self, layer: WeightLayer) -> dict:
         """Which form the layer takes: codes when they are smaller than the dense weight, else dense."""
@@ -145,7 +155,7 @@ class PqPass:
         own = layer.weight.dtype
         dense_dtype = np.dtype(np.float16) if self.dense_fp16 and own.itemsize > 2 else own
         dense = n * kg * dense_dtype.itemsize
-        subs = n * kg // d
+        subs = n * math.ceil(kg / d)
         # A small layer gets fewer centroids: its codebook may take at most book_share of its dense bytes.
         fits = int(self.book_share * dense // (d * self.book_dtype.itemsize))
         k = min(self.k, subs, 1 << max(fits, 1).bit_length() - 1)
@@ -181,7 +191,7 @@ class PqPass:
     def _fit(self, layer: WeightLayer, plan: dict, stats: InputStats | None, seed: int) -> tuple:
         """Codebook (k, d) and codes (N, J) for the layer, plus what the report says about the fit."""
         d, k, g = plan["d"], plan["k"], layer.group
-        m = layer.matrix
+        m = padded(layer.matrix, d)
         n = m.shape[0]
         book, plain_codes = plain_kmeans(to_blocks(m, g, d).reshape(-1, d), k, seed)
         plain_codes = plain_codes.reshape(-1, n // g)
@@ -189,8 +199,9 @@ class PqPass:
             return book, codes_to_rows(plain_codes, g, n).astype(np.uint8), {"fit": "k-means on weights"}
         target = m
         if stats.full:
-            target = compensated_target(m, stats.new, stats.cross)
-            grams = diagonal_blocks(stats.new, d)
+            new, cross = padded_square(stats.new, d), padded_square(stats.cross, d)
+            target = compensated_target(m, new, cross)
+            grams = diagonal_blocks(new, d)
         else:
             grams = stats.blocks
         v3 = to_blocks(target, g, d)
@@ -199,10 +210,11 @@ class PqPass:
         fit = {"fit": "activation EM", "em_iterations": len(history) - 1,
                "objective_ratio": float(history[-1] / max(start, 1e-30)) if history else 1.0}
         if stats.full and wants_full(layer):
-            approx = book_em[codes_to_rows(codes, g, n)].reshape(m.shape)
-            plain = book[codes_to_rows(plain_codes, g, n)].reshape(m.shape)
-            fit["output_error"] = output_error_rel(m, approx, stats.new, stats.cross, stats.old)
-            fit["output_error_kmeans"] = output_error_rel(m, plain, stats.new, stats.cross, stats.old)
+            width = layer.matrix.shape[1]
+            approx = book_em[codes_to_rows(codes, g, n)].reshape(m.shape)[:, :width]
+            plain = book[codes_to_rows(plain_codes, g, n)].reshape(m.shape)[:, :width]
+            fit["output_error"] = output_error_rel(layer.matrix, approx, stats.new, stats.cross, stats.old)
+            fit["output_error_kmeans"] = output_error_rel(layer.matrix, plain, stats.new, stats.cross, stats.old)
             if fit["output_error_kmeans"] < fit["output_error"]:
                 # EM minimises a per-block surrogate; on the full output error plain k-means can still win.
                 fit.update(fit="k-means on weights (beat EM on the output)", output_error=fit["output_error_kmeans"])

@@ -162,7 +162,13 @@ class Terminated(BaseException):
     """SIGTERM, raised where the process is so that every cleanup (staging folder, made parents) runs."""
 
 
+_TERMINATED = []
+
+
 def _terminate(signum, frame) -> NoReturn:
+    # Remembered as well as raised: inside a TVM or onnxruntime call the exception comes back wrapped
+    # (a RuntimeError, a lowering error), and the exit code must still say "terminated".
+    _TERMINATED.append(signum)
     raise Terminated()
 
 
@@ -199,22 +205,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = rewrite(args.model, **settings)
         finally:
             signal.signal(signal.SIGTERM, previous)
-    except RewriterError as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"rewrite: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("rewrite: interrupted; nothing written", file=sys.stderr)
-        return 130
     except Terminated:
         print("rewrite: terminated; nothing written", file=sys.stderr)
         return 143
-    except Exception as exc:  # an internal bug: still one line unless --debug
-        if args.debug:
+    except Exception as exc:
+        if _TERMINATED:
+            print("rewrite: terminated; nothing written", file=sys.stderr)
+            return 143
+        if isinstance(exc, RewriterError):
+            if args.debug:
+                traceback.print_exc()
+            print(f"rewrite: error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        if args.debug:  # an internal bug: still one line unless --debug
             traceback.print_exc()
         print(f"rewrite: internal error: {type(exc).__name__}: {exc} (rerun with --debug)", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("rewrite: interrupted; nothing written", file=sys.stderr)
+        return 130
     print(result.out_dir)
     return 0
 

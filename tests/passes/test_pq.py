@@ -142,3 +142,28 @@ def test_options_are_checked():
         make_pass("pq", {"codebook_dtype": "int8"})
     with pytest.raises(UsageError):
         PqPass().run(canonicalize(mlp_model(), {"x": [1, 16]}), PassContext(fit=None))
+
+
+@pytest.mark.parametrize("data_aware", [True, False])
+def test_widths_that_blocks_do_not_divide_are_padded_and_decode_exactly(data_aware):
+    """A pruned width such as 179 has no divisor to block by: the last block is zero-padded, then sliced off."""
+    rng = np.random.default_rng(4)
+    model = mlp_model(dims=(18, 32, 10))
+    w1 = _prototyped(rng, (32, 20), 4)[:, :18]  # the cut last blocks, zero-padded, make at most 8 more kinds
+    set_initializer(model, "w1", w1)
+    model = canonicalize(model, {"x": [1, 18]})
+    result = PqPass(k=16, data_aware=data_aware, skip="fc2").run(model, _context([18]))
+    layer = result.notes["layers"]["fc1"]
+    assert layer["form"] == "pq" and layer["d"] == 4
+    new = checked(result.model, "pq")
+    assert op_counts(new)["Slice"] >= 1
+    x = rng.normal(size=(1, 18)).astype(np.float32)
+    assert_outputs_close(run_ort(new, {"x": x}), run_ort(model, {"x": x}), rtol=1e-4, atol=1e-4)
+    point = _conv1x1_model(channels=(10, 64, 24))
+    set_initializer(point, "w1", _prototyped(rng, (64, 12, 1, 1), 4)[:, :10])
+    point = canonicalize(point, {"x": [1, 10, 6, 6]})
+    result = PqPass(k=16, data_aware=data_aware, skip="pw2").run(point, _context([10, 6, 6], n=16))
+    assert result.notes["layers"]["pw1"]["form"] == "pq"
+    y = rng.normal(size=(1, 10, 6, 6)).astype(np.float32)
+    got = run_ort(checked(result.model, "pq"), {"x": y})
+    assert_outputs_close(got, run_ort(point, {"x": y}), rtol=1e-4, atol=1e-4)
