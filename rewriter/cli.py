@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 from .api import rewrite
 from .canonical import parse_input_shape
-from .errors import RewriterError, UsageError
+from .errors import RewriterError, Terminated, UsageError, request_stop, stop_requested
 from .inspection import format_table, inspect_model
 from .layouts import parse_output_axis
 from .progress import set_quiet
@@ -158,18 +158,8 @@ def _pairs(items: Sequence[str], flag: str) -> dict[str, str]:
     return pairs
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised where the process is so that every cleanup (staging folder, made parents) runs."""
-
-
-_TERMINATED = []
-
-
 def _terminate(signum, frame) -> NoReturn:
-    # Remembered as well as raised: inside a TVM or onnxruntime call the exception comes back wrapped
-    # (a RuntimeError, a lowering error), and the exit code must still say "terminated".
-    _TERMINATED.append(signum)
-    raise Terminated()
+    request_stop(signum)
 
 
 def _inspect(argv: Sequence[str]) -> int:
@@ -209,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("rewrite: terminated; nothing written", file=sys.stderr)
         return 143
     except Exception as exc:
-        if _TERMINATED:
+        if stop_requested():  # the signal came back wrapped in another error
             print("rewrite: terminated; nothing written", file=sys.stderr)
             return 143
         if isinstance(exc, RewriterError):

@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import UsageError, check_stop
 from .progress import log
 
 
@@ -44,6 +44,7 @@ def staged_dir(out_dir: Path, force: bool) -> Iterator[Path]:
         raise UsageError(f"output directory {out_dir} cannot be made: {exc.strerror or exc}") from exc
     try:
         yield stage
+        check_stop()  # a signal swallowed on the way (a build fallback) still writes nothing
         _swap_in(stage, out_dir, force)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)

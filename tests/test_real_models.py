@@ -67,4 +67,6 @@ def test_yolov8n_channel_cosine_catches_what_cosine_hides(real):
     assert report["output"]["macs"] < 0.8 * report["input"]["macs"]
     fid = report["fidelity"]
     assert fid["channel_cosine_min"] < fid["cosine"]
-    assert fid["drop"] == pytest.approx(1 - fid["channel_cosine_min"])
+    # The drop answers to the worst channel (and to the confident anchors' top class), not to the mean.
+    assert fid["drop"] >= 1 - fid["channel_cosine_min"] > 1 - fid["cosine"]
+    assert fid["outputs"]["output0"]["top1_positions"] > 0
