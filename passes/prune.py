@@ -46,6 +46,7 @@ class PrunePass:
     """Remove whole channels from Conv/Gemm/MatMul layers and everything coupled to them."""
 
     name = "prune"
+    budget_levels = (0.25, 0.5, 0.75)  # share of a group's channels removed, tried per group by --budget
 
     def __init__(
         self,
@@ -81,6 +82,12 @@ class PrunePass:
         result.notes["blocks"] = dropped
         return result
 
+    def budget_units(self, model: onnx.ModelProto) -> dict[str, list[str]]:
+        """The channel groups this pass may prune, for --budget's per-group choice: key -> the layers a cut
+        changes (its members and the consumers that lose input channels)."""
+        return {g.key: sorted({*g.members, *g.consumers}) for g in build_channel_graph(model).groups()
+                if self._why_not(g) is None}
+
     def _prune_channels(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         cg = build_channel_graph(model)
         records, candidates = {}, []
@@ -93,9 +100,16 @@ class PrunePass:
             ctx.log("prune: no channel group can be removed safely; the model is unchanged")
             return PassResult(model, [], {"unchanged": "no prunable channel group", "groups": records})
         ratio = self.ratio
-        if "macs" in ctx.budget:
+        allocation = ctx.allocations.get(self.name)
+        if allocation is not None:  # --budget chose a ratio per group from the sensitivity curves
+            for g in candidates:
+                if g.key not in allocation:
+                    records[g.key]["skipped"] = "left whole by --budget"
+            candidates = [g for g in candidates if g.key in allocation]
+        elif "macs" in ctx.budget:
             ratio = self._ratio_for_budget(model, cg, candidates, ctx.budget["macs"])
-        keeps = {g.key: self._keep(g.size, ratio) for g in candidates}
+        ratios = {g.key: allocation[g.key] if allocation is not None else ratio for g in candidates}
+        keeps = {g.key: self._keep(g.size, ratios[g.key]) for g in candidates}
         consumers = self._consumers(cg, candidates)
         rows = self._selection_rows(model, consumers, ctx) if self.criterion == "lasso" else {}
         rng = np.random.default_rng(ctx.seed)
@@ -103,7 +117,7 @@ class PrunePass:
         for group in candidates:
             record = records[group.key]
             if keeps[group.key] >= group.size:
-                record["skipped"] = f"ratio {ratio:.3f} removes no channel of {group.size}"
+                record["skipped"] = f"ratio {ratios[group.key]:.3f} removes no channel of {group.size}"
                 continue
             unfit = [c for c in group.consumers if c not in consumers]
             if self.refit and unfit:  # removing channels a layer reads without refitting it costs too much
@@ -118,8 +132,8 @@ class PrunePass:
         pruned = remove_atoms(model, cg, removed)
         refits = self._refit(model, pruned, cg, removed, consumers, ctx) if self.refit else {}
         drop_unused_initializers(pruned)  # the refits replaced the sliced weights
-        notes = {"ratio": ratio, "criterion": self.criterion, "refit": self.refit,
-                 "channels_removed": len(removed), "groups": records, "refits": refits}
+        notes = {"ratio": ratio if allocation is None else "per group (--budget)", "criterion": self.criterion,
+                 "refit": self.refit, "channels_removed": len(removed), "groups": records, "refits": refits}
         return PassResult(pruned, changed, notes)
 
     def _drop_blocks(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict]:

@@ -102,6 +102,7 @@ class SvdPass:
     """Low-rank split of Gemm, MatMul and Conv layers."""
 
     name = "svd"
+    budget_levels = (0.5, 0.25, 0.125)  # rank_ratio tried per layer by --budget
 
     def __init__(
         self,
@@ -141,8 +142,11 @@ class SvdPass:
         found = find_layer(view, node, "channel")
         return found if isinstance(found, str) else None
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        model = copy_model(model)
+    def budget_units(self, model: onnx.ModelProto) -> dict[str, list[str]]:
+        """The layers this pass may split, for --budget's per-layer choice: label -> the layers it changes."""
+        return {la.label: [la.label] for la in self._layers(model)[0]}
+
+    def _layers(self, model: onnx.ModelProto) -> tuple[list[Layer], dict[str, str]]:
         view = GraphView(model)
         layers, skipped = [], {}
         for node in model.graph.node:
@@ -152,13 +156,26 @@ class SvdPass:
                     layers.append(found)
                 else:
                     skipped[node.name or node.output[0]] = found
+        return layers, skipped
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        model = copy_model(model)
+        view = GraphView(model)
+        layers, skipped = self._layers(model)
         names = {n.name for n in model.graph.node} | {o for n in model.graph.node for o in n.output}
         missing = sorted(self.skip - names)
         if missing:
             raise UsageError(f"svd.skip names no node of the model: {', '.join(missing)}")
         ratio = self.rank_ratio
-        if "macs" in ctx.budget:
+        allocation = ctx.allocations.get(self.name)
+        if allocation is not None and self.energy is not None:
+            raise UsageError("svd: --budget chooses the ranks; it cannot be combined with svd.energy")
+        if allocation is not None:  # --budget chose a rank_ratio per layer from the sensitivity curves
+            skipped.update({la.label: "left whole by --budget" for la in layers if la.label not in allocation})
+            layers = [la for la in layers if la.label in allocation]
+        elif "macs" in ctx.budget:
             ratio = self._ratio_for_budget(model, layers, ctx.budget["macs"])
+        ratios = {la.label: allocation[la.label] if allocation is not None else ratio for la in layers}
         changed, details = [], {}
         original = copy_model(model) if self.data_aware else model  # the reference the fits aim at
         covs = {} if self.sequential else self._covariances(model, layers, ctx)  # one pass serves all layers
@@ -166,7 +183,7 @@ class SvdPass:
             if self.sequential:
                 covs = self._paired_moments(original, model, wave, ctx)
             for layer in wave:
-                outcome = self._split(model, view, layer, covs.get(layer.label), ratio)
+                outcome = self._split(model, view, layer, covs.get(layer.label), ratios[layer.label])
                 if isinstance(outcome, dict) and layer.kind == "spatial" and self.data_aware:
                     outcome.update(self._refit_spatial(original, model, layer, ctx))
                 if isinstance(outcome, str):
@@ -176,8 +193,9 @@ class SvdPass:
                     details[layer.label] = outcome
         drop_unused_initializers(model)
         mode = ("sequential " if self.sequential else "") + "data-aware" if self.data_aware else "weight"
-        notes = {"mode": mode, "rank_ratio": ratio, **_error_summary(details), "layers": details, "skipped": skipped}
-        if ratio != self.rank_ratio:
+        notes = {"mode": mode, "rank_ratio": ratio if allocation is None else "per layer (--budget)",
+                 **_error_summary(details), "layers": details, "skipped": skipped}
+        if allocation is None and ratio != self.rank_ratio:
             notes["effective_options"] = {"rank_ratio": ratio}  # --budget chose it
         return PassResult(model, changed, notes)
 

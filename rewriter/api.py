@@ -15,6 +15,7 @@ import onnx
 
 from . import metrics
 from .bench import ort_latency_ms
+from .budget import achieved, check_budget, run_to_budget, totals
 from .calib import LABELS, Calibration, check_arrays, load_calibration, split, synthetic_calibration
 from .canonical import canonicalize, graph_inputs, resolve_input_shapes
 from .errors import UsageError
@@ -147,7 +148,7 @@ def rewrite(
         log("fidelity read along: " + "; ".join(f"{n}: axis {lay.feature_axis} ({lay.why})"
                                                for n, lay in reference.layouts.items()))
     ctx = PassContext(fit=fit, seed=seed, budget=budget, teacher=base)
-    final, records = run_passes(base, plan, ctx, reference, max_drop)
+    final, records, budget_report = _run(base, plan, ctx, reference, max_drop)
     if max_drop is None and records:
         warn_collapse(records[-1]["fidelity"])
 
@@ -158,7 +159,7 @@ def rewrite(
     report["output"]["bytes"] = metrics.count_bytes(written)  # MACs at the fitted shape, bytes as written
     report["layers"] = layer_table(final)
     report["interface"] = interface
-    report.update(input_shapes=shapes, seed=seed, max_drop=max_drop, budget=_budget_report(budget, base, final),
+    report.update(input_shapes=shapes, seed=seed, max_drop=max_drop, budget=budget_report,
                   versions=_versions())
     report["target"] = {"name": spec.name, "tvm_target": spec.tvm_target, "options": target_options,
                         "artifact": None, "tuning_trials": tune_trials, "tuning_db": tuning_db}
@@ -225,26 +226,23 @@ def check_output_axes(given: Mapping[str, int | str] | None) -> dict[str, tuple[
     return checked_axes
 
 
-def check_budget(budget: Mapping[str, float] | None) -> dict[str, float]:
-    if budget is not None and (not isinstance(budget, Mapping) or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) for v in budget.values())):
-        raise UsageError(f"budget must map macs to a number, got {budget!r}")
-    budget = dict(budget or {})
-    unknown = sorted(set(budget) - {"macs"})
-    if unknown:
-        raise UsageError(f"--budget supports macs=R only, not {', '.join(unknown)}")
-    if "macs" in budget and not 0.0 < budget["macs"] <= 1.0:
-        raise UsageError(f"--budget macs must be in (0, 1], got {budget['macs']}")
-    return budget
-
-
-def _budget_report(budget: Mapping[str, float], base: onnx.ModelProto, final: onnx.ModelProto) -> dict | None:
-    if "macs" not in budget:
-        return None
-    achieved = metrics.count_macs(final) / max(metrics.count_macs(base), 1)
-    if achieved > budget["macs"] + 1e-9:
-        log(f"warning: MACs at {achieved:.3f} of the original, over --budget macs={budget['macs']}")
-    return {"macs": budget["macs"], "achieved": achieved, "met": achieved <= budget["macs"] + 1e-9}
+def _run(base, plan, ctx: PassContext, reference: Reference | None, max_drop: float | None):
+    """The passes, to the --budget when one is given: per-unit settings from sensitivity curves where the
+    passes allow it and data is there to measure; else each pass's own uniform choice."""
+    if not ctx.budget:
+        final, records = run_passes(base, plan, ctx, reference, max_drop)
+        return final, records, None
+    if reference is not None and any(hasattr(rw, "budget_units") for rw, _ in plan):
+        return run_to_budget(base, plan, ctx, reference, max_drop)
+    if set(ctx.budget) - {"macs"}:
+        raise UsageError("--budget params/size is spent per layer from measured sensitivity: give --calib and "
+                         "prune or svd in --passes")
+    final, records = run_passes(base, plan, ctx, reference, max_drop)
+    report = {"method": "uniform", **achieved(ctx.budget, totals(base), final)}
+    if not report["met"]:
+        log(f"warning: MACs at {report['achieved']['macs']:.3f} of the original, over --budget "
+            f"macs={ctx.budget['macs']}")
+    return final, records, report
 
 
 def _check_feeds(reference: Reference | None, shapes: Mapping, model: onnx.ModelProto, seed: int) -> list[dict]:

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-key", default=None, help="RPC device key (with --rpc)")
     p.add_argument("--bench", action="store_true", help="time original, rewritten model and artifact")
     p.add_argument("--budget", default=None, metavar="macs=0.5",
-                   help="budget-aware passes (svd) pick their strength to keep at most this share of MACs")
+                   help="keep at most this share of MACs, params or size (e.g. macs=0.5,size=0.3): prune and svd "
+                        "cut each channel group/layer as far as its measured sensitivity allows")
     p.add_argument("--target-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="preset option: mcpu (x86, arm), mattr (arm), num-cores (x86), arch (cuda)")
     p.add_argument("--output-axis", action="append", default=[], metavar="NAME=AXIS[:scores]",

@@ -23,6 +23,9 @@ class PassContext:
     seed: int = 0
     log: Callable[[str], None] = log
     budget: Mapping[str, float] = field(default_factory=dict)  # e.g. {"macs": 0.5} from --budget
+    # Per-unit settings that --budget chose for each pass ({pass: {unit: setting}}, see budget.py): a pass
+    # that finds its name here touches only those units, each at its own setting, instead of its options'.
+    allocations: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     # The model before any pass (canonical form), for passes that fit against it (distill's teacher);
     # None when a pass runs on its own, where the model it receives is the original.
     teacher: onnx.ModelProto | None = None
@@ -83,3 +86,16 @@ class Pass(Protocol):
     name: ClassVar[str]
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult: ...
+
+
+class Allocatable(Protocol):
+    """A pass whose strength can be set per unit (a channel group, a layer), so that --budget can spend
+    cuts where they cost the least fidelity. `budget_levels` are the per-unit settings tried in the
+    sensitivity analysis, weakest first, in the pass's own terms (prune's ratio, svd's rank_ratio)."""
+
+    name: ClassVar[str]
+    budget_levels: ClassVar[tuple[float, ...]]
+
+    def budget_units(self, model: onnx.ModelProto) -> dict[str, list[str]]:
+        """unit -> the layers (node labels) a cut of it changes; --budget never lets two passes cut one layer."""
+        ...

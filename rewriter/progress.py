@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
@@ -15,6 +16,17 @@ _quiet = False
 def set_quiet(quiet: bool) -> None:
     global _quiet
     _quiet = quiet
+
+
+@contextlib.contextmanager
+def muted() -> Iterator[None]:
+    """Silence nested steps (e.g. many trial runs of a pass) while an outer bar already shown keeps going."""
+    global _quiet
+    before, _quiet = _quiet, True
+    try:
+        yield
+    finally:
+        _quiet = before
 
 
 def log(message: str) -> None:

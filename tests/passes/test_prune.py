@@ -150,8 +150,23 @@ def test_mobilenet_squeeze_excite_and_depthwise_groups_pruned():
     assert report["fidelity"]["top1_agreement"] > 0.8
 
 
-def test_budget_chooses_the_ratio():
+def test_budget_chooses_a_ratio_per_group(tmp_path, monkeypatch):
+    monkeypatch.setenv("REWRITER_CACHE", str(tmp_path))
     result = rewrite(SAMPLES / "digits_vgg.onnx", passes=["prune"], calib=_subset(160), budget={"macs": 0.4})
+    prune = result.report["passes"][0]
+    assert prune["macs_after"] <= 0.4 * prune["macs_before"]
+    chosen = result.report["budget"]["allocation"]["prune"]
+    groups = prune["notes"]["groups"]
+    for key, record in groups.items():  # each group cut as far as its own ratio, the others left whole
+        if key in chosen:
+            assert record["size_after"] == record["size_before"] - round(chosen[key] * record["size_before"])
+        else:
+            assert record["size_after"] == record["size_before"]
+
+
+def test_budget_without_data_takes_one_uniform_ratio():
+    result = rewrite(SAMPLES / "digits_vgg.onnx", passes=["prune"], budget={"macs": 0.4},
+                     options={"prune": {"criterion": "l1", "refit": False}})
     prune = result.report["passes"][0]
     assert prune["macs_after"] <= 0.4 * prune["macs_before"]
     assert 0.2 < prune["notes"]["ratio"] < 0.5  # half the channels would leave a quarter of the MACs

@@ -178,19 +178,32 @@ def test_capture_runs_only_the_needed_subgraph():
     np.testing.assert_allclose(relu, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_budget_picks_the_rank_ratio():
+def test_budget_picks_a_rank_per_layer(tmp_path, monkeypatch):
+    monkeypatch.setenv("REWRITER_CACHE", str(tmp_path))
     result = rewrite(SAMPLES / "digits_resnet.onnx", passes=["svd"], calib=CALIB, budget={"macs": 0.5},
                      options={"svd": {"sequential": False}})
     budget = result.report["budget"]
-    assert budget["met"] and 0.4 < budget["achieved"] <= 0.5
+    assert budget["met"] and 0.3 < budget["achieved"]["macs"] <= 0.5
     assert result.report["output"]["macs"] <= 0.5 * result.report["input"]["macs"]
+    layers = result.report["passes"][0]["notes"]["layers"]
+    assert {layers[name]["rank"] / layers[name]["full_rank"] <= ratio + 1e-9
+            for name, ratio in budget["allocation"]["svd"].items() if name in layers} == {True}
+
+
+def test_budget_without_data_takes_one_uniform_rank_ratio():
+    result = rewrite(SAMPLES / "digits_resnet.onnx", passes=["svd"], budget={"macs": 0.5},
+                     options={"svd": {"data_aware": False}})
+    budget = result.report["budget"]
+    assert budget["method"] == "uniform" and budget["met"]
+    assert 0.0 < result.report["passes"][0]["options"]["rank_ratio"] < 1.0
 
 
 def test_unreachable_budget_is_a_clear_error():
     from rewriter.errors import UsageError
 
     with pytest.raises(UsageError, match="cannot reach --budget"):
-        rewrite(SAMPLES / "digits_resnet.onnx", passes=["svd"], calib=CALIB, budget={"macs": 0.01})
+        rewrite(SAMPLES / "digits_resnet.onnx", passes=["svd"], budget={"macs": 0.01},
+                options={"svd": {"data_aware": False}})
 
 
 def test_spatial_split_refitted_on_data_beats_weight_fit():

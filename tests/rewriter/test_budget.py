@@ -1,0 +1,91 @@
+"""--budget: sensitivity curves, their cache, the greedy allocation, and budgets met on real runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from rewriter import rewrite, sensitivity
+from rewriter.budget import allocate, check_budget
+from rewriter.errors import UsageError
+from tests.helpers import SAMPLES
+
+CALIB = SAMPLES / "digits_calib.npz"
+MLP = SAMPLES / "digits_mlp.onnx"
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("REWRITER_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "sensitivity"
+
+
+def _curve(units: dict[str, list[tuple[float, float, int]]], touches=None, macs=1000) -> dict:
+    """A pass's curves from (level, drop, MACs after) per unit."""
+    points = {u: [{"level": lv, "drop": d, "rel_l2": d, "macs": m, "params": m, "bytes": m} for lv, d, m in pts]
+              for u, pts in units.items()}
+    base = {"drop": 0.0, "rel_l2": 0.0, "macs": macs, "params": macs, "bytes": macs}
+    return {"units": points, "touches": touches or {u: [u] for u in units}, "base": base}
+
+
+def test_allocation_takes_the_cheapest_cuts_per_saving():
+    curves = {"p": _curve({"robust": [(0.5, 0.01, 700), (0.75, 0.02, 550)],
+                           "fragile": [(0.5, 0.30, 700), (0.75, 0.60, 550)]})}
+    allocation, path = allocate(curves, {"macs": 400})
+    assert allocation == {"p": {"robust": 0.75}}
+    assert path[-1]["saved"]["macs"] == 450 and path[-1]["estimated_drop"] == pytest.approx(0.02)
+    allocation, _ = allocate(curves, {"macs": 600})  # more than the robust unit can give
+    assert allocation == {"p": {"robust": 0.75, "fragile": 0.5}}
+
+
+def test_allocation_never_cuts_one_layer_with_two_passes():
+    curves = {"prune": _curve({"g": [(0.5, 0.01, 600)]}, touches={"g": ["conv1", "conv2"]}),
+              "svd": _curve({"conv2": [(0.5, 0.001, 700)], "conv3": [(0.5, 0.05, 700)]})}
+    allocation, _ = allocate(curves, {"macs": 600})
+    assert allocation == {"svd": {"conv2": 0.5, "conv3": 0.5}}  # conv2 split first, so g (touching it) is out
+    allocation, _ = allocate(curves, {"macs": 300})
+    assert "g" not in allocation.get("prune", {})
+
+
+def test_budget_values_are_checked():
+    assert check_budget({"macs": 0.5, "size": 0.2}) == {"macs": 0.5, "size": 0.2}
+    for bad, match in (({"latency": 5.0}, "latency is not supported"), ({"flops": 0.5}, "not flops"),
+                       ({"macs": 1.5}, r"in \(0, 1\]"), ({"macs": True}, "must map")):
+        with pytest.raises(UsageError, match=match):
+            check_budget(bad)
+
+
+def test_params_budget_is_met_and_second_run_reuses_the_curves(cache, monkeypatch):
+    first = rewrite(MLP, passes=["svd"], calib=CALIB, budget={"params": 0.5})
+    budget = first.report["budget"]
+    assert budget["met"] and budget["achieved"]["params"] <= 0.5
+    assert budget["method"] == "sensitivity" and not budget["sensitivity"]["svd"]["cached"]
+    assert len(list(cache.glob("svd-*.json"))) == 1
+
+    def no_trials(*args, **kwargs):
+        raise AssertionError("sensitivity work redone on a cached model")
+
+    monkeypatch.setattr(sensitivity, "_trial", no_trials)
+    second = rewrite(MLP, passes=["svd"], calib=CALIB, budget={"params": 0.5})
+    assert second.report["budget"]["sensitivity"]["svd"]["cached"]
+    assert second.report["budget"]["allocation"] == budget["allocation"]
+    with pytest.raises(AssertionError, match="redone"):  # other options are other curves
+        rewrite(MLP, passes=["svd"], calib=CALIB, budget={"params": 0.5}, options={"svd": {"min_rank": 2}})
+
+
+def test_unreachable_budget_names_what_is_left(cache):
+    with pytest.raises(UsageError, match="cannot reach --budget macs=0.01: .* keeps 0.[0-9]+ of its macs"):
+        rewrite(MLP, passes=["svd"], calib=CALIB, budget={"macs": 0.01})
+
+
+@pytest.mark.slow
+def test_prune_svd_budget_beats_uniform_prune_at_the_same_macs(cache):
+    """The acceptance case: per-unit settings from the curves lose less than one ratio for every group."""
+    resnet = SAMPLES / "digits_resnet.onnx"
+    spent = rewrite(resnet, passes=["prune", "svd"], calib=CALIB, budget={"macs": 0.5}).report
+    assert spent["budget"]["met"] and spent["output"]["macs"] <= 0.5 * spent["input"]["macs"]
+    assert spent["budget"]["allocation"]["prune"] and spent["budget"]["allocation"]["svd"]
+    uniform = rewrite(resnet, passes=["prune"], calib=CALIB, options={"prune": {"ratio": 0.3}}).report
+    assert uniform["output"]["macs"] >= spent["output"]["macs"]  # the uniform cut keeps at least as many MACs
+    ours, theirs = spent["fidelity"], uniform["fidelity"]
+    assert ours["accuracy_after"] >= theirs["accuracy_after"]
+    assert ours["cosine"] > theirs["cosine"] and ours["channel_cosine_min"] > theirs["channel_cosine_min"]
