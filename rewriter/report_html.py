@@ -1,6 +1,6 @@
 """report.html: one self-contained page (inline SVG, no scripts, no network) that shows at a glance what was done
-to the model and what it cost: size/MACs/params and fidelity before and after each pass, every output's
-per-channel cosine, the per-layer table and the measured latencies."""
+to the model and what it cost: size/MACs/params and fidelity before and after each pass, the budget's sensitivity
+curves and chosen cuts, every output's per-channel cosine, the per-layer table and the measured latencies."""
 
 from __future__ import annotations
 
@@ -42,6 +42,66 @@ def _bars(title: str, labels: Sequence[str], values: Sequence[float], fmt: str =
                          f'transform="rotate(-45 {x + BAR_W / 2} {CHART_H + 34})">{_esc(label[-14:])}</text>')
     parts.append(f'<text x="2" y="{CHART_H + 24}" font-size="10">{_esc(fmt.format(low))}</text>'
                  f'<text x="2" y="30" font-size="10">{_esc(fmt.format(high))}</text></svg>')
+    return "".join(parts)
+
+
+def _curves(title: str, series: Sequence[tuple[str, Sequence[tuple[float, float]], tuple[float, float] | None]],
+            x_label: str, y_label: str) -> str:
+    """Lines through (x, y) points, one per series, from (0, 0); a series' chosen point is ringed in red."""
+    xs = [x for _, pts, _ in series for x, _ in pts] or [1.0]
+    ys = [y for _, pts, _ in series for _, y in pts] or [1.0]
+    x_high, y_high = max(max(xs), 1e-12), max(max(ys), 1e-12)
+    width, height = 560, CHART_H
+
+    def at(x: float, y: float) -> str:
+        return f"{PAD + x / x_high * (width - PAD - 20):.1f},{20 + height - min(y / y_high, 1.0) * height:.1f}"
+
+    parts = [f'<svg class="chart" width="{width}" height="{height + 60}" role="img" aria-label="{_esc(title)}" '
+             f'xmlns="http://www.w3.org/2000/svg">',
+             f'<text x="4" y="14" font-size="13" font-weight="bold">{_esc(title)}</text>',
+             f'<line x1="{PAD}" y1="{height + 20}" x2="{width - 10}" y2="{height + 20}" stroke="#999"/>',
+             f'<line x1="{PAD}" y1="20" x2="{PAD}" y2="{height + 20}" stroke="#999"/>']
+    for label, points, chosen in series:
+        line = " ".join(at(x, y) for x, y in [(0.0, 0.0), *points])
+        parts.append(f'<polyline points="{line}" fill="none" stroke="#2e86c1" stroke-width="2">'
+                     f'<title>{_esc(label)}</title></polyline>')
+        if chosen is not None:
+            cx, cy = at(*chosen).split(",")
+            parts.append(f'<circle cx="{cx}" cy="{cy}" r="5" fill="none" stroke="#c0392b" stroke-width="2">'
+                         f'<title>{_esc(label)}: chosen</title></circle>')
+    parts.append(f'<text x="{width - 10}" y="{height + 36}" font-size="10" text-anchor="end">{_esc(x_label)} '
+                 f'(0 – {x_high:.3g})</text><text x="2" y="30" font-size="10">{_esc(f"{y_high:.3g}")}</text>'
+                 f'<text x="2" y="{height + 50}" font-size="10">{_esc(y_label)}</text></svg>')
+    return "".join(parts)
+
+
+def _budget(report: dict) -> str:
+    budget = report.get("budget")
+    if not budget:
+        return ""
+    head = ("<h2>Budget</h2><p>" + ", ".join(f"{_esc(k)} ≤ {v} of the input: reached {budget['achieved'][k]:.3f}"
+                                             for k, v in budget["targets"].items())
+            + f" ({'met' if budget['met'] else '<span class=bad>not met</span>'}; {_esc(budget['method'])})")
+    if budget["method"] != "sensitivity":
+        return head + "; one uniform setting per pass (no calibration data to measure sensitivity)</p>"
+    parts = [head + f"; {budget['rounds']} round(s), estimated drop {budget['estimated_drop']:.4f}. Each line is "
+             "one channel group or layer cut alone at the pass's levels, measured on the held-out samples; "
+             "the ringed points are the cuts chosen.</p>"]
+    rows = []
+    for name, curve in budget["sensitivity"].items():
+        base, chosen = curve["base"], budget["allocation"].get(name, {})
+        series = []
+        for unit, points in curve["units"].items():
+            pts = [(1 - p["macs"] / max(base["macs"], 1), p["drop"]) for p in points if "error" not in p]
+            pick = next((xy for p, xy in zip([p for p in points if "error" not in p], pts, strict=True)
+                         if p["level"] == chosen.get(unit)), None)
+            series.append((unit, pts, pick))
+            if pick is not None:
+                rows.append([_esc(name), _esc(unit), _esc(chosen[unit]), f"{pick[0]:.3f}", f"{pick[1]:.4f}"])
+        parts.append(_curves(f"{name}: drop against MACs saved, per unit ({len(series)} units"
+                             + (", from the cache)" if curve["cached"] else ")"), series,
+                             "share of MACs saved", "drop"))
+    parts.append(_table(["pass", "unit", "setting", "MACs saved (alone)", "drop (alone)"], rows))
     return "".join(parts)
 
 
@@ -123,6 +183,6 @@ def render(report: dict) -> str:
     head = (f"<h1>{_esc(title)}</h1><p>passes: <b>{_esc(passes)}</b>; target: <b>{_esc(report['target']['name'])}"
             f"</b>; MACs ×{report['output']['macs'] / max(report['input']['macs'], 1):.3f}, file bytes "
             f"×{report['output']['bytes'] / max(report['input']['bytes'], 1):.3f}</p>")
-    body = head + _summary(report) + _outputs(report) + _latency(report) + _layers(report)
+    body = head + _summary(report) + _budget(report) + _outputs(report) + _latency(report) + _layers(report)
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>"
             f"<style>{STYLE}</style></head><body>{body}</body></html>\n")

@@ -22,17 +22,20 @@ def _chromium() -> str | None:
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
     out = tmp_path_factory.mktemp("html") / "out"
-    result = rewrite(SAMPLES / "digits_mlp.onnx", passes=["svd"], calib=CALIB, out_dir=out,
-                     options={"svd": {"rank_ratio": 0.5}})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("REWRITER_CACHE", str(out.parent / "cache"))
+        result = rewrite(SAMPLES / "digits_mlp.onnx", passes=["svd"], calib=CALIB, out_dir=out,
+                         budget={"params": 0.6})
     return result.artifacts["html"]
 
 
 def test_report_html_is_self_contained_with_every_section(page):
     text = page.read_text()
     assert not re.search(r"""(src|href)=["']?(https?:|//)""", text) and "<script" not in text
-    for section in ("pass by pass", "channel by channel", "Latency", "Layers of the rewritten model"):
+    for section in ("pass by pass", "Budget", "channel by channel", "Latency", "Layers of the rewritten model"):
         assert section in text
-    assert text.count("<svg") >= 4 and text.count("<rect") >= 10
+    assert text.count("<svg") >= 5 and text.count("<rect") >= 10
+    assert text.count("<polyline") == 2 and text.count("<circle") >= 1  # a curve per hidden layer, chosen cuts
 
 
 def test_report_html_plots_render_in_a_browser(page, tmp_path):
