@@ -275,6 +275,12 @@ class PrunePass:
             results[c.label] = info
         return results
 
+    def uniform_ratio(self, model: onnx.ModelProto, budget: float) -> float:
+        """The one ratio for every prunable group that brings MACs to `budget` x the model's (the baseline a
+        per-group --budget is compared with)."""
+        cg = build_channel_graph(model)
+        return self._ratio_for_budget(model, cg, [g for g in cg.groups() if self._why_not(g) is None], budget)
+
     def _ratio_for_budget(self, model, cg, groups, budget: float) -> float:
         """The smallest ratio whose removal brings MACs to `budget` x the model's (channel counts only matter)."""
         total = count_macs(model)

@@ -89,3 +89,11 @@ def test_prune_svd_budget_beats_uniform_prune_at_the_same_macs(cache):
     ours, theirs = spent["fidelity"], uniform["fidelity"]
     assert ours["accuracy_after"] >= theirs["accuracy_after"]
     assert ours["cosine"] > theirs["cosine"] and ours["channel_cosine_min"] > theirs["channel_cosine_min"]
+
+
+def test_budget_beyond_max_drop_exits_4_naming_the_closest(cache):
+    from rewriter.errors import GuardrailError
+
+    with pytest.raises(GuardrailError, match=r"--max-drop 1e-06.*closest within --max-drop by the sensitivity curves: "
+                                             r"params≈0\.\d+|no cut the sensitivity curves list stays within"):
+        rewrite(MLP, passes=["svd"], calib=CALIB, budget={"params": 0.3}, max_drop=1e-6)
