@@ -94,3 +94,9 @@ def set_initializer(model: onnx.ModelProto, name: str, array: np.ndarray) -> onn
             model.graph.initializer[i].CopyFrom(tensor(name, array))
             return model
     raise KeyError(name)
+
+
+def first_samples(path: Path, n: int) -> dict[str, np.ndarray]:
+    """The first n samples of every array of a calibration .npz."""
+    with np.load(path) as data:
+        return {k: data[k][:n] for k in data.files}

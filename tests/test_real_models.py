@@ -2,31 +2,16 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 
 from rewriter import rewrite
-from tests.helpers import SAMPLES, run_ort
+from tests.helpers import first_samples, run_ort
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def real():
-    sys.path.insert(0, str(SAMPLES))
-    from fetch_real_models import build_calibration, default_cache, fetch_models
 
-    cache = default_cache()
-    models = fetch_models(cache)
-    calibs = build_calibration(cache)
-    return {name: (models[name], calibs[name]) for name in models}
-
-
-def _subset(path, n: int) -> dict[str, np.ndarray]:
-    with np.load(path) as data:
-        return {k: data[k][:n] for k in data.files}
 
 
 def test_mobilenetv3_svd_x86(real, tmp_path):
@@ -39,7 +24,7 @@ def test_mobilenetv3_svd_x86(real, tmp_path):
     skipped = report["passes"][0]["notes"]["skipped"]
     assert any("depthwise" in why for why in skipped.values())
     assert {"accuracy_before", "accuracy_after", "top1_agreement"} <= set(report["fidelity"])
-    x = _subset(calib, 2)["x"]
+    x = first_samples(calib, 2)["x"]
     vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(str(result.artifacts["library"])), tvm.cpu())
     for i in range(len(x)):
         expected = run_ort(result.artifacts["model"], {"x": x[i : i + 1]})[0]
@@ -50,7 +35,7 @@ def test_mobilenetv3_svd_x86(real, tmp_path):
 
 def test_dbnet_paddle_export_svd(real):
     model, calib = real["dbnet"]
-    result = rewrite(model, passes=["svd"], calib=_subset(calib, 6), holdout=0.34,
+    result = rewrite(model, passes=["svd"], calib=first_samples(calib, 6), holdout=0.34,
                      options={"svd": {"rank_ratio": 0.5}})
     report = result.report
     assert report["canonical_fidelity"]["rel_l2"] < 1e-4
@@ -60,7 +45,7 @@ def test_dbnet_paddle_export_svd(real):
 
 def test_yolov8n_channel_cosine_catches_what_cosine_hides(real):
     model, calib = real["yolov8n"]
-    result = rewrite(model, passes=["svd"], calib=_subset(calib, 8), holdout=0.25,
+    result = rewrite(model, passes=["svd"], calib=first_samples(calib, 8), holdout=0.25,
                      options={"svd": {"rank_ratio": 0.5}})
     report = result.report
     assert report["canonical_fidelity"]["channel_cosine_min"] > 0.9999

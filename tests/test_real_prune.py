@@ -3,36 +3,21 @@ direction classifier (depthwise, squeeze-excite, hard-swish), fitted on a few ca
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 
 from rewriter import rewrite
-from tests.helpers import SAMPLES, run_ort
+from tests.helpers import first_samples, run_ort
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def real():
-    sys.path.insert(0, str(SAMPLES))
-    from fetch_real_models import build_calibration, default_cache, fetch_models
 
-    cache = default_cache()
-    models = fetch_models(cache)
-    calibs = build_calibration(cache)
-    return {name: (models[name], calibs[name]) for name in models}
-
-
-def _subset(path, n: int) -> dict[str, np.ndarray]:
-    with np.load(path) as data:
-        return {k: data[k][:n] for k in data.files}
 
 
 def test_yolov8n_groups_through_split_concat_and_residuals(real):
     model, calib = real["yolov8n"]
-    result = rewrite(model, passes=["prune"], calib=_subset(calib, 24), holdout=0.34,
+    result = rewrite(model, passes=["prune"], calib=first_samples(calib, 24), holdout=0.34,
                      options={"prune": {"ratio": 0.3}})
     report = result.report
     assert report["output"]["macs"] <= 0.65 * report["input"]["macs"]
@@ -41,7 +26,7 @@ def test_yolov8n_groups_through_split_concat_and_residuals(real):
     assert any(len(g["producers"]) >= 3 for g in pruned)  # a C2f residual stream: cv1's half plus the bottlenecks
     assert any(any("Split" in m for m in g["members"]) for g in pruned)
     assert report["fidelity"]["channel_cosine_min"] >= 0.85  # every channel, class scores included
-    x = _subset(calib, 1)["images"]
+    x = first_samples(calib, 1)["images"]
     boxes = run_ort(result.model, {"images": x})[0]
     assert boxes.shape == run_ort(model, {"images": x})[0].shape
 
@@ -49,7 +34,7 @@ def test_yolov8n_groups_through_split_concat_and_residuals(real):
 def test_mobilenetv3_classifier_at_eighty_percent_macs_x86(real, tmp_path):
     tvm = pytest.importorskip("tvm")
     model, calib = real["mobilenetv3_cls"]
-    result = rewrite(model, passes=["prune"], target="x86", calib=_subset(calib, 40), holdout=0.4,
+    result = rewrite(model, passes=["prune"], target="x86", calib=first_samples(calib, 40), holdout=0.4,
                      out_dir=tmp_path / "out", options={"prune": {"ratio": 0.13}})
     report = result.report
     assert report["output"]["macs"] <= 0.8 * report["input"]["macs"]
@@ -58,7 +43,7 @@ def test_mobilenetv3_classifier_at_eighty_percent_macs_x86(real, tmp_path):
     assert report["fidelity"]["channel_cosine_min"] >= 0.9
     groups = report["passes"][0]["notes"]["groups"].values()
     assert any(g["size_after"] < g["size_before"] and len(g["producers"]) >= 2 for g in groups)  # SE-gated
-    x = _subset(calib, 2)["x"]
+    x = first_samples(calib, 2)["x"]
     vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(str(result.artifacts["library"])), tvm.cpu())
     for i in range(len(x)):
         expected = run_ort(result.artifacts["model"], {"x": x[i : i + 1]})[0]

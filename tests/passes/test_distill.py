@@ -220,23 +220,14 @@ def test_deterministic_with_the_seed(svd_mlp):
     assert first != other
 
 
-@pytest.fixture(scope="module")
-def real_models():
-    import sys
-
-    sys.path.insert(0, str(SAMPLES))
-    from fetch_real_models import build_calibration, default_cache, fetch_models
-
-    cache = default_cache()
-    return fetch_models(cache), build_calibration(cache)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["yolov8n", "mobilenetv3_cls", "dbnet"])
-def test_interpreter_matches_onnxruntime_on_real_models(name, real_models):
+def test_interpreter_matches_onnxruntime_on_real_models(name, real):
     pytest.importorskip("torch")
-    models, calibs = real_models
-    with np.load(calibs[name]) as data:
+    model_path, calib = real[name]
+    with np.load(calib) as data:
         feeds = {k: data[k][:1] for k in data.files if k != "labels"}
-    model = canonicalize(onnx.load(models[name]), {k: [1, *v.shape[1:]] for k, v in feeds.items()})
+    model = canonicalize(onnx.load(model_path), {k: [1, *v.shape[1:]] for k, v in feeds.items()})
     _assert_matches_ort(model, feeds)

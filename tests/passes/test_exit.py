@@ -142,16 +142,6 @@ def test_x86_library_keeps_control_flow_and_matches_onnxruntime(resnet_exit, tmp
     assert 0 in seen and exits in seen  # a sample that leaves at the first exit and one that runs the whole model
 
 
-@pytest.fixture(scope="module")
-def real():
-    import sys
-
-    sys.path.insert(0, str(SAMPLES))
-    from fetch_real_models import build_calibration, default_cache, fetch_models
-
-    cache = default_cache()
-    models, calibs = fetch_models(cache), build_calibration(cache)
-    return {name: (models[name], calibs[name]) for name in models}
 
 
 @pytest.mark.slow
