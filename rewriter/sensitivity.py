@@ -91,11 +91,11 @@ def _trial(rewrite, model, ctx: PassContext, reference, check, unit: str, level:
     alone = dataclasses.replace(ctx, allocations={rewrite.name: {unit: level}}, budget={})
     try:
         result = rewrite.run(model, alone)
+        if not result.changed:
+            return {"level": level, "error": "unchanged"}
         new = check(result.model, f"pass {rewrite.name!r}")
     except RewriterError as exc:
         return {"level": level, "error": str(exc)}
-    if not result.changed:
-        return {"level": level, "error": "unchanged"}
     return {"level": level, **_point(new, reference.measure(new))}
 
 
