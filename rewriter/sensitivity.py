@@ -26,7 +26,7 @@ from .loading import serialize
 from .pass_api import PassContext
 from .progress import log, muted, progress
 
-FORMAT = 2  # bump when what a curve means changes, so old cache entries are not read
+FORMAT = 3  # bump when what a curve means changes, so old cache entries are not read
 # Fit samples each trial cut is fitted on: the curves rank cuts against each other, they need not be the
 # final fit, and a trial per unit and level over every sample would cost the whole rewrite many times over.
 TRIAL_SAMPLES = 64
