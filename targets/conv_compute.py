@@ -87,22 +87,27 @@ def _out_size(size: int, before: int, after: int, kernel: int, stride: int, dila
     return (size + before + after - (kernel - 1) * dilation - 1) // stride + 1
 
 
+def _out_hw(data: Any, kh: int, kw: int, strides: list[int], padding: list[int], dilation: list[int]) -> tuple:
+    """Output height and width of a conv over blocked data [N, C/b, H, W, b]."""
+    height, width = (int(v) for v in data.shape[2:4])
+    return (_out_size(height, padding[0], padding[2], kh, strides[0], dilation[0]),
+            _out_size(width, padding[1], padding[3], kw, strides[1], dilation[1]))
+
+
 def conv2d_nchwc(data: Any, kernel: Any, strides: list[int], padding: list[int], dilation: list[int]) -> Any:
     """data [N, C/ib, H, W, ib] * kernel [O/ob, C/ib, KH, KW, ib, ob] -> [N, O/ob, OH, OW, ob]."""
     from tvm import te
 
-    batch, _, height, width, _ = (int(v) for v in data.shape)
     out_chunks, in_chunks, kh, kw, in_block, out_block = (int(v) for v in kernel.shape)
     (sh, sw), (dh, dw) = strides, dilation
-    out_h = _out_size(height, padding[0], padding[2], kh, sh, dh)
-    out_w = _out_size(width, padding[1], padding[3], kw, sw, dw)
+    out_h, out_w = _out_hw(data, kh, kw, strides, padding, dilation)
     pad = _padded(data, padding)
     rc = te.reduce_axis((0, in_chunks), name="rc")
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
     rb = te.reduce_axis((0, in_block), name="rb")
     return te.compute(
-        (batch, out_chunks, out_h, out_w, out_block),
+        (int(data.shape[0]), out_chunks, out_h, out_w, out_block),
         lambda n, oc, y, x, ob: te.sum(
             pad[n, rc, y * sh + ry * dh, x * sw + rx * dw, rb] * kernel[oc, rc, ry, rx, rb, ob],
             axis=[rc, ry, rx, rb],
@@ -115,11 +120,10 @@ def dwconv2d_nchwc(data: Any, kernel: Any, strides: list[int], padding: list[int
     """Depthwise: data [N, C/b, H, W, b] * kernel [C/b, 1, KH, KW, 1, b] -> [N, C/b, OH, OW, b]."""
     from tvm import te
 
-    batch, chunks, height, width, block = (int(v) for v in data.shape)
-    _, _, kh, kw, _, _ = (int(v) for v in kernel.shape)
+    batch, chunks, _, _, block = (int(v) for v in data.shape)
+    kh, kw = (int(v) for v in kernel.shape[2:4])
     (sh, sw), (dh, dw) = strides, dilation
-    out_h = _out_size(height, padding[0], padding[2], kh, sh, dh)
-    out_w = _out_size(width, padding[1], padding[3], kw, sw, dw)
+    out_h, out_w = _out_hw(data, kh, kw, strides, padding, dilation)
     pad = _padded(data, padding)
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
