@@ -25,6 +25,7 @@ from rewriter.targets.presets import TargetSpec, one_line
 ERROR_PREFIX = "rewriter-error:"
 USAGE_PREFIX = "rewriter-usage-error:"
 LOG_PREFIX = "rewriter-log:"
+TUNING_PREFIX = "rewriter-tuning:"  # the child's tuning summary (JSON) for the report
 EM_CUDA = 190  # ELF e_machine of a cubin
 # The folder holding the `rewriter` package, for the child process (installed or in a checkout).
 PACKAGE_ROOT = Path(rewriter.__file__).resolve().parent.parent
@@ -41,8 +42,9 @@ def needs_child(spec: TargetSpec) -> bool:
 
 
 def build_in_child(model: onnx.ModelProto, spec: TargetSpec, out_path: Path, tuning_db: str | None,
-                   log: Any = None) -> None:
-    """Lower, compile (nvcc -> cubin) and export `model` in a child process using the stub driver."""
+                   log: Any = None) -> dict[str, Any] | None:
+    """Lower, compile (nvcc -> cubin) and export `model` in a child process using the stub driver;
+    returns the tuning summary when a tuning database was applied."""
     nvcc = find_nvcc()
     stubs = stub_dir()
     with tempfile.TemporaryDirectory(prefix="rewriter-cuda-") as tmp:
@@ -54,11 +56,15 @@ def build_in_child(model: onnx.ModelProto, spec: TargetSpec, out_path: Path, tun
         args = [model_path, str(out_path), spec.name, json.dumps(spec.tvm_target)]
         cmd = [sys.executable, "-P", "-c", CHILD_CODE, *args, *([tuning_db] if tuning_db else [])]
         done = subprocess.run(cmd, env=_child_env(stubs, nvcc), capture_output=True, text=True, check=False)
+    tuned = None
     for line in done.stdout.splitlines():
         if line.startswith(LOG_PREFIX) and log is not None:
             log(line[len(LOG_PREFIX):].strip())
+        if line.startswith(TUNING_PREFIX):
+            tuned = json.loads(line[len(TUNING_PREFIX):])
     if done.returncode != 0:
         raise _child_error(done.returncode, done.stderr)
+    return tuned
 
 
 def device_code(path: str | os.PathLike) -> str | None:
@@ -103,8 +109,10 @@ def child_main(argv: list[str]) -> int:
     try:
         _check_cuda_runtime()
         model = onnx.load_model(model_path)
-        lower_and_export(model, spec, Path(out_path), 0, rest[0] if rest else None,
-                         lambda msg: print(LOG_PREFIX, msg, flush=True), export_compiler(spec))
+        tuned = lower_and_export(model, spec, Path(out_path), 0, rest[0] if rest else None,
+                                 lambda msg: print(LOG_PREFIX, msg, flush=True), export_compiler(spec))
+        if tuned is not None:
+            print(TUNING_PREFIX, json.dumps(tuned), flush=True)
     except UsageError as exc:
         print(USAGE_PREFIX, one_line(exc), file=sys.stderr)
         return 2

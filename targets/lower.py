@@ -40,6 +40,7 @@ def build_artifact(
         "artifact": None,
         "tuning_trials": 0,
         "tuning_db": None,
+        "tuning": None,
         "device_code": None,
     }
     if spec.tvm_target is None:
@@ -47,6 +48,8 @@ def build_artifact(
         return report
     if tune_trials < 0:
         raise UsageError(f"tune_trials must be >= 0, got {tune_trials}")
+    if tuning_db is not None:
+        tuning.check_db_path(tuning_db, tune_trials)  # a mistyped path must not build untuned in silence
     fcompile = export_compiler(spec)  # fail fast on a missing toolchain
     if tune_trials > 0:
         tuning.check_tunable(spec)
@@ -55,14 +58,14 @@ def build_artifact(
     if cuda_offline.needs_child(spec):
         # No GPU driver here: compile in a child process against a stub libcuda so the
         # artifact embeds a cubin, not CUDA C source (the artifact contract).
-        cuda_offline.build_in_child(model, spec, out, tuning_db, log)
-        used_db = tuning.has_records(tuning_db)
+        tuned = cuda_offline.build_in_child(model, spec, out, tuning_db, log)
     else:
-        used_db = lower_and_export(model, spec, out, tune_trials, tuning_db, log, fcompile)
+        tuned = lower_and_export(model, spec, out, tune_trials, tuning_db, log, fcompile)
     report.update(
         artifact=out.name,
         tuning_trials=tune_trials,
-        tuning_db=str(tuning_db) if used_db and tuning_db is not None else None,
+        tuning_db=str(tuning_db) if tuned is not None and tuning_db is not None else None,
+        tuning=tuned,
         device_code=cuda_offline.device_code(out) if spec.is_gpu else None,
         build_seconds=round(time.perf_counter() - start, 3),
     )
@@ -78,8 +81,8 @@ def lower_and_export(
     tuning_db: str | None,
     log: Log | None,
     fcompile: Callable[..., Any] | None,
-) -> bool:
-    """Lower, compile and export in this process; True when tuning records were applied."""
+) -> dict[str, Any] | None:
+    """Lower, compile and export in this process; the tuning summary (tuning.summary) when a database was used."""
     target = make_tvm_target(spec)
     with target:
         # Compact weights (pq codes, packed signs) enter as inputs so folding cannot expand them, then bind back.
@@ -87,10 +90,12 @@ def lower_and_export(
         fused = _guard("TVM cannot lower the model",
                        lambda: lift.bind_compact(fuse_pipeline()(import_onnx(compact)), arrays))
     with _tuning_dir(tuning_db, tune_trials) as work_dir:
-        database = _database(fused, target, tune_trials, work_dir, log)
+        database, tuned = _database(fused, target, tune_trials, work_dir, log)
         executable = _guard("TVM cannot compile the model", lambda: _compile(fused, target, database))
     _export(executable, out_path, fcompile)
-    return database is not None
+    if tuned is not None:
+        tuned["db"] = None if tuning_db is None else str(tuning_db)  # None: tuned into a temporary database
+    return tuned
 
 
 def static_inputs(model: onnx.ModelProto) -> tuple[dict[str, list[int]], dict[str, str]]:
@@ -179,13 +184,14 @@ def _compile(fused: Any, target: Any, database: Any | None) -> Any:
         return tvm.compile(scheduled, target=target, relax_pipeline="default_build")
 
 
-def _database(fused: Any, target: Any, trials: int, work_dir: str | None, log: Log | None) -> Any | None:
-    if trials > 0 and work_dir is not None:
+def _database(fused: Any, target: Any, trials: int, work_dir: str | None,
+              log: Log | None) -> tuple[Any | None, dict[str, Any] | None]:
+    """The database to apply and its tuning summary, or (None, None) without tuning or a database."""
+    if work_dir is None:
+        return None, None
+    if trials > 0:
         return tuning.tune(fused, target, trials, work_dir, log)
-    if tuning.has_records(work_dir):
-        _say(log, f"applying tuning records from {work_dir}")
-        return tuning.load_database(work_dir)
-    return None
+    return tuning.reuse(fused, target, work_dir, log)
 
 
 @contextlib.contextmanager
