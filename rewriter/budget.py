@@ -3,10 +3,13 @@ with the least fidelity lost (AIMET's greedy compression-ratio selection over pe
 in the spirit of AMC's per-layer search).
 
 The curves (sensitivity.py) say, for each unit of each allocatable pass, the drop and the savings at each
-level. The allocation greedily takes the cut with the least estimated drop per unit of saving until the
-estimated savings meet the budget; the real passes then run with those settings and the result is
-measured. Units interact (a layer pruned and then split saves less than the two curves add up to), so when
-the result misses the budget the allocation is asked for correspondingly more, a few rounds at most.
+level. The allocation greedily takes the cut with the least added error (the output's relative L2 error,
+which compounds about linearly over cuts, where the guardrail's drop is nearly flat for small cuts and then
+jumps) per unit of saving until the estimated savings meet the budget; the real passes then run with those
+settings and the result is measured. Units interact (a layer pruned and then split saves less than the two
+curves add up to), so when the result misses the budget the allocation is asked for correspondingly more, a
+few rounds at most; when it loses far more than the curves said, one uniform setting is tried as well and
+the better result kept.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from .sensitivity import measure_curves
 METRICS = {"macs": metrics.count_macs, "params": metrics.count_params, "size": metrics.count_bytes}
 POINT_KEY = {"macs": "macs", "params": "params", "size": "bytes"}
 ROUNDS = 4  # allocate, run, measure; ask for more when the result misses the budget
+# A result whose drop exceeds the curves' estimate this much is checked against one uniform setting: cuts
+# that are harmless alone can compound (refits of pooled or final layers fitted on one row per image).
+SUSPECT_FACTOR, SUSPECT_MARGIN = 3.0, 0.01
 
 
 def check_budget(budget: Mapping[str, float] | None) -> dict[str, float]:
@@ -63,6 +69,7 @@ class Step:
     unit: str
     level: float
     drop: float
+    cost: float  # what the allocation minimises: the output's relative error, which compounds about linearly
     savings: Mapping[str, float]
     touches: frozenset[str]
 
@@ -75,6 +82,7 @@ def _steps(curves: Mapping[str, dict]) -> dict[tuple[str, str], list[Step]]:
         for unit, points in curve["units"].items():
             touches = frozenset(curve["touches"].get(unit, [unit]))
             steps = [Step(name, unit, p["level"], max(p["drop"] - base["drop"], 0.0),
+                          max(p["rel_l2"] - base["rel_l2"], 0.0),
                           {k: base[POINT_KEY[k]] - p[POINT_KEY[k]] for k in METRICS}, touches)
                      for p in points if "error" not in p]
             if steps:
@@ -85,7 +93,7 @@ def _steps(curves: Mapping[str, dict]) -> dict[tuple[str, str], list[Step]]:
 def allocate(
     curves: Mapping[str, dict], need: Mapping[str, float]
 ) -> tuple[dict[str, dict[str, float]], list[dict]]:
-    """Greedy: repeatedly move one unit to the level with the least added drop per added (normalised)
+    """Greedy: repeatedly move one unit to the level with the least added error per added (normalised)
     saving, until every metric's estimated saving reaches `need`. Returns the allocation and the path taken
     (estimated savings and drop after each move), which also tells the closest result short of the budget."""
     options = _steps(curves)
@@ -121,11 +129,12 @@ def _best_move(options, chosen, remaining: Mapping[str, float]) -> tuple[tuple[s
         if any(taken.get(layer, key[0]) != key[0] for layer in steps[0].touches):
             continue
         for step in steps:
-            gain = sum(max(step.savings[k] - (old.savings[k] if old else 0.0), 0.0) / max(remaining[k], 1e-12)
-                       for k in remaining)
+            # Savings beyond what is still needed are worth nothing: a big cut must not win by overshooting.
+            gain = sum(min(max(step.savings[k] - (old.savings[k] if old else 0.0), 0.0), remaining[k])
+                       / max(remaining[k], 1e-12) for k in remaining)
             if gain <= 1e-12 or (old is not None and step.level == old.level):
                 continue
-            cost = max(step.drop - (old.drop if old else 0.0), 0.0)
+            cost = max(step.cost - (old.cost if old else 0.0), 0.0)
             rank = (cost / gain, -gain)
             if best_rank is None or rank < best_rank:
                 best, best_rank = (key, step), rank
@@ -139,15 +148,39 @@ def run_to_budget(
     reference: Reference,
     max_drop: float | None,
 ) -> tuple[onnx.ModelProto, list[dict], dict]:
-    """Sensitivity, allocation and the real run, repeated with a larger ask while the result misses."""
-    budget = dict(ctx.budget)
-    base_totals = totals(base)
+    """Sensitivity, allocation and the real run; then, when the cuts together lost far more than their
+    curves said, the uniform setting as a cross-check, keeping whichever result lost less."""
     curves = {rw.name: measure_curves(rw, opts, base, ctx, reference, checked) for rw, opts in plan
               if hasattr(rw, "budget_units")}
-    need = {k: (1.0 - budget[k]) * base_totals[k] for k in budget}
     report = {"method": "sensitivity", "sensitivity": {n: {"cached": c["cached"], "path": c["path"],
                                                           "base": c["base"], "units": c["units"]}
                                                       for n, c in curves.items()}}
+    try:
+        final, records = _allocated(base, plan, ctx, reference, max_drop, curves, report)
+    except GuardrailError as exc:
+        fallback = _uniform(base, plan, ctx, reference, max_drop, list(curves))
+        if fallback is None or not fallback[2]["met"]:
+            raise
+        log(f"budget: the per-unit cuts failed the guardrail ({exc}); one uniform setting passes it")
+        report.update(fallback[2], chosen="uniform", per_unit_refused=str(exc))
+        return fallback[0], fallback[1], report
+    drop = records[-1]["fidelity"]["drop"] if records else 0.0
+    report["chosen"] = "per unit"
+    if report["met"] and drop > SUSPECT_FACTOR * report["estimated_drop"] + SUSPECT_MARGIN:
+        log(f"budget: the cuts together lost more than their curves said (drop {drop:.4f}, estimated "
+            f"{report['estimated_drop']:.4f}); trying one uniform setting as well")
+        fallback = _uniform(base, plan, ctx, reference, max_drop, list(curves))
+        if fallback is not None and fallback[2]["met"] and fallback[1][-1]["fidelity"]["drop"] < drop:
+            report.update(fallback[2], chosen="uniform", per_unit_drop=drop)
+            return fallback[0], fallback[1], report
+    return final, records, report
+
+
+def _allocated(base, plan, ctx: PassContext, reference, max_drop, curves, report: dict):
+    """Allocate, run, measure; ask for more of what fell short, a few rounds at most."""
+    budget = dict(ctx.budget)
+    base_totals = totals(base)
+    need = {k: (1.0 - budget[k]) * base_totals[k] for k in budget}
     ask, previous = dict(need), None
     for round_ in range(1, ROUNDS + 1):
         allocation, path = allocate(curves, ask)
@@ -163,12 +196,11 @@ def run_to_budget(
             final, records = run_passes(base, plan, replace(ctx, allocations=allocation), reference, max_drop)
         except GuardrailError as exc:
             raise GuardrailError(f"{exc}; {_closest(path, max_drop, base_totals)}") from exc
-        result = achieved(budget, base_totals, final)
-        report.update(result, allocation=allocation, estimated_drop=estimate["estimated_drop"], rounds=round_,
-                      path=path)
-        if result["met"]:
-            return final, records, report
-        for k in budget:  # ask for more of what fell short, in proportion to the shortfall
+        report.update(achieved(budget, base_totals, final), allocation=allocation, rounds=round_, path=path,
+                      estimated_drop=estimate["estimated_drop"])
+        if report["met"]:
+            return final, records
+        for k in budget:
             real = base_totals[k] - METRICS[k](final)
             if real < need[k]:
                 ask[k] = ask[k] * need[k] / max(real, 1e-9 * base_totals[k]) * 1.02
@@ -176,7 +208,20 @@ def run_to_budget(
             break
     log(f"warning: --budget not met after {report['rounds']} round(s): "
         + ", ".join(f"{k} {v:.3f} > {budget[k]}" for k, v in report["achieved"].items() if v > budget[k]))
-    return final, records, report
+    return final, records
+
+
+def _uniform(base, plan, ctx: PassContext, reference, max_drop, allocatable: list[str]):
+    """The first allocatable pass at the one setting that meets a MACs budget, the others left out of
+    the budget (an empty allocation cuts nothing). None where that is not defined (params/size budgets)."""
+    if set(ctx.budget) != {"macs"} or not allocatable:
+        return None
+    uniform = replace(ctx, allocations={name: {} for name in allocatable[1:]})
+    try:
+        final, records = run_passes(base, plan, uniform, reference, max_drop)
+    except (GuardrailError, UsageError):
+        return None
+    return final, records, achieved(ctx.budget, totals(base), final)
 
 
 def _unreachable(budget: Mapping[str, float], base_totals: Mapping[str, int], estimate: dict) -> None:

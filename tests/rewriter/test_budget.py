@@ -97,3 +97,17 @@ def test_budget_beyond_max_drop_exits_4_naming_the_closest(cache):
     with pytest.raises(GuardrailError, match=r"--max-drop 1e-06.*closest within --max-drop by the sensitivity curves: "
                                              r"params≈0\.\d+|no cut the sensitivity curves list stays within"):
         rewrite(MLP, passes=["svd"], calib=CALIB, budget={"params": 0.3}, max_drop=1e-6)
+
+
+def test_a_result_far_worse_than_its_curves_is_checked_against_one_uniform_setting(cache, monkeypatch):
+    from rewriter import budget
+
+    monkeypatch.setattr(budget, "SUSPECT_MARGIN", -1.0)  # every result counts as suspect
+    report = rewrite(SAMPLES / "digits_resnet.onnx", passes=["svd"], calib=CALIB, budget={"macs": 0.5}).report
+    spent = report["budget"]
+    assert spent["met"] and spent["chosen"] in ("per unit", "uniform")
+    if spent["chosen"] == "uniform":  # kept only when it lost less than the per-unit cuts
+        assert report["fidelity"]["drop"] < spent["per_unit_drop"]
+        assert report["passes"][0]["notes"]["rank_ratio"] != "per layer (--budget)"
+    else:
+        assert report["passes"][0]["notes"]["rank_ratio"] == "per layer (--budget)"
