@@ -18,11 +18,11 @@ from .bench import ort_latency_ms
 from .budget import achieved, check_budget, run_to_budget, totals
 from .calib import LABELS, Calibration, check_arrays, load_calibration, split, synthetic_calibration
 from .canonical import canonicalize, graph_inputs, resolve_input_shapes
-from .errors import UsageError
+from .errors import ModelError, UsageError
 from .inspection import layer_table
 from .interface import ensure_runs, restore_dynamic_dims
 from .layouts import parse_output_axis
-from .loading import external_data_files, load_model, save_model, serialize
+from .loading import external_data_files, is_large, load_model, save_model
 from .output import check_out_dir, staged_dir
 from .pass_api import PassContext
 from .pipeline import Reference, checked, run_passes, warn_collapse
@@ -262,8 +262,8 @@ def _bench(base: onnx.ModelProto, final: onnx.ModelProto, feed: dict[str, np.nda
     """onnxruntime latency of the canonicalised original and of the rewritten model, side by side."""
     log("timing the original and rewritten models in onnxruntime")
     return {
-        "onnxruntime_ms": {"input": ort_latency_ms(serialize(base), feed, threads=BENCH_THREADS),
-                           "output": ort_latency_ms(serialize(final), feed, threads=BENCH_THREADS)},
+        "onnxruntime_ms": {"input": ort_latency_ms(base, feed, threads=BENCH_THREADS),
+                           "output": ort_latency_ms(final, feed, threads=BENCH_THREADS)},
         "threads": BENCH_THREADS,
         "feed": {k: list(v.shape) for k, v in feed.items()},
     }
@@ -290,9 +290,14 @@ def _write(
     start: float, feed: dict[str, np.ndarray] | None, remote: tuple[str, str] | None = None,
 ) -> None:
     """model.onnx with the user's interface, the artifact built from the `static` (fitted-shape) model, the report."""
+    if spec.name != "none" and is_large(static):
+        raise ModelError(f"the rewritten model is over 2 GB: TVM builds (target {spec.name}) of such models are not "
+                         "supported; use --target none to write model.onnx with its weights in model.onnx.data")
     with staged_dir(out_dir, force) as stage:
-        save_model(result.model, stage / "model.onnx")
-        result.report["output"]["path"] = str(out_dir.resolve() / "model.onnx")
+        files = save_model(result.model, stage / "model.onnx")  # over 2 GB: model.onnx.data holds the weights
+        result.report["output"].update(path=str(out_dir.resolve() / "model.onnx"),
+                                       bytes=sum(f.stat().st_size for f in files),
+                                       external_data=files[1].name if len(files) > 1 else None)
         if spec.name != "none":
             log(f"building for target {spec.name}")
         artifact = stage / f"model.{spec.artifact_suffix}.so"
@@ -319,5 +324,7 @@ def _write(
     result.out_dir = out_dir
     result.artifacts = {"model": out_dir / "model.onnx", "report": out_dir / "report.json",
                         "html": out_dir / "report.html"}
+    if result.report["output"]["external_data"]:
+        result.artifacts["model_data"] = out_dir / result.report["output"]["external_data"]
     if result.report["target"].get("artifact"):
         result.artifacts["library"] = out_dir / result.report["target"]["artifact"]

@@ -6,11 +6,14 @@ import statistics
 import time
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+
+from .loading import ort_session
 
 
 def ort_latency_ms(
-    model: bytes | str,
+    model: bytes | str | onnx.ModelProto,
     feed: dict[str, np.ndarray],
     threads: int = 2,
     warmup: int = 10,
@@ -23,7 +26,10 @@ def ort_latency_ms(
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
-    sess = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    if isinstance(model, onnx.ModelProto):  # a model over 2 GB cannot be bytes: ort_session opens it by path
+        sess = ort_session(model, options, prepack=True)
+    else:
+        sess = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     for _ in range(warmup):
         sess.run(None, feed)
     times = []

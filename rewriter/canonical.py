@@ -11,10 +11,16 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import ModelError, UsageError
+from .loading import attach, detach, is_large
 
 # Folds that would change the user's layer structure are left to the passes: BN and scale
 # layers stay visible so that pruning can slice them as members of a channel group.
 _KEPT_STRUCTURE = ("FusionConvBN", "FusionConvTransposeBN", "FusionConvMul", "FusionConvTransposeMul")
+# A model over protobuf's 2 GB limit is slimmed as a lean copy whose initializers of this size or more carry no
+# data. The fusions that rewrite weight values (MatMul+Add -> Gemm transposes the weight) cannot run on that
+# copy and are left out: such a model keeps MatMul+Add.
+_DETACH_MIN_BYTES = 2**20
+_READS_WEIGHTS = ("FusionGemm", "FusionGemmMul")
 # Domains onnxruntime's CPU provider implements; anything else is a custom operator.
 STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
 
@@ -118,11 +124,14 @@ def canonicalize(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int
     import onnxslim
     from onnxslim.core.pattern.registry import DEFAULT_FUSION_PATTERNS
 
-    skip = [p for p in DEFAULT_FUSION_PATTERNS if p in _KEPT_STRUCTURE]
+    large = is_large(model)
+    detached = detach(model, _DETACH_MIN_BYTES) if large else None
+    kept = _KEPT_STRUCTURE + (_READS_WEIGHTS if large else ())
+    skip = [p for p in DEFAULT_FUSION_PATTERNS if p in kept]
     spec = [f"{name}:{','.join(str(d) for d in shape)}" for name, shape in input_shapes.items()]
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            slim = onnxslim.slim(model, input_shapes=spec, skip_fusion_patterns=skip)
+            slim = onnxslim.slim(detached.model if large else model, input_shapes=spec, skip_fusion_patterns=skip)
     except Exception as exc:  # onnxslim raises many kinds; the user needs one line
         raise ModelError(f"could not fold the model's constants: {type(exc).__name__}: {exc}") from exc
     if slim is None:
@@ -136,4 +145,4 @@ def canonicalize(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int
         raise ModelError(f"shape inference failed after canonicalisation: {exc}") from exc
     inferred.producer_name = "rewriter"
     inferred.producer_version = ""
-    return inferred
+    return attach(inferred, detached.sources) if large else inferred

@@ -11,7 +11,7 @@ import onnxruntime as ort
 from .calib import Calibration
 from .errors import ModelError
 from .graph import node_reads
-from .loading import serialize
+from .loading import Detached, detach, is_large, ort_session
 from .progress import progress
 
 
@@ -39,14 +39,22 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPro
     return exposed
 
 
-def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
+def _exposing(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto | Detached:
+    """`_with_outputs`; for a model over protobuf's limit, on its lean copy, so that its weights are not copied."""
+    if not is_large(model):
+        return _with_outputs(model, names)
+    detached = detach(model)
+    return Detached(_with_outputs(detached.model, names), detached.sources)
+
+
+def session(model: onnx.ModelProto | Detached, threads: int = 0) -> ort.InferenceSession:
     """An onnxruntime CPU session with graph optimisations off, so tensor names survive."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
     try:
-        return ort.InferenceSession(serialize(model), options, providers=["CPUExecutionProvider"])
+        return ort_session(model, options)
     except Exception as exc:  # ORT raises its own exception types per failure
         raise ModelError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from exc
 
@@ -59,7 +67,7 @@ def run(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yield {tensor name: value} for each sample; only one sample's tensors are held at a time."""
     names = list(names) if names is not None else [o.name for o in model.graph.output]
-    sess = session(_with_outputs(model, names))
+    sess = session(_exposing(model, names))
     for feed in progress(calib.samples(), total=len(calib), desc=desc):
         try:
             values = sess.run(names, feed)

@@ -22,7 +22,7 @@ from onnx import numpy_helper
 from .canonical import declared_shape, graph_inputs
 from .errors import ModelError
 from .graph import GraphView, attributes, unique_name
-from .loading import serialize
+from .loading import check_model, infer_shapes, ort_session
 
 Dim = tuple[str, int]  # (input name, axis)
 BATCH_CHECK = 2
@@ -55,7 +55,7 @@ def _session(model: onnx.ModelProto):
 
     options = ort.SessionOptions()
     options.log_severity_level = 4  # failures are expected here and reported, not logged
-    return ort.InferenceSession(serialize(model), options, providers=["CPUExecutionProvider"])
+    return ort_session(model, options)
 
 
 def _run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -115,7 +115,7 @@ def _with_dims(final: onnx.ModelProto, dims: dict[Dim, str], output_dims: dict[t
     for (index, axis), label in output_dims.items():
         model.graph.output[index].type.tensor_type.shape.dim[axis].dim_param = label
     try:  # intermediate shapes with the open dims, for tools that read them; best effort
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        return infer_shapes(model, in_place=True, data_prop=True)  # our own copy: no second one of its weights
     except Exception:  # noqa: BLE001 - a graph that runs is still valid without value_info
         return model
 
@@ -204,7 +204,7 @@ def _attempt(original, final, dims: dict[Dim, str], feeds: list[dict[str, np.nda
     try:
         static_out = [_run(final, f) for f in feeds[:count]]
         open_model = _with_dims(final, dims, {})
-        onnx.checker.check_model(open_model, full_check=True)
+        check_model(open_model, full_check=True)
         if batch:
             error, outputs = _batch_error(open_model, static_out, _batched(feeds[:count], batch))
             if error:

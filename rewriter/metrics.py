@@ -7,7 +7,7 @@ import math
 import onnx
 
 from .graph import GraphView, attributes
-from .loading import serialize
+from .loading import model_bytes
 
 
 def count_params(model: onnx.ModelProto) -> int:
@@ -15,8 +15,8 @@ def count_params(model: onnx.ModelProto) -> int:
 
 
 def count_bytes(model: onnx.ModelProto) -> int:
-    """Size of the model file as it is saved."""
-    return len(serialize(model))
+    """Size of the model file as it is saved (with its external data, for a model over 2 GB)."""
+    return model_bytes(model)
 
 
 def _conv_macs(view: GraphView, node: onnx.NodeProto) -> int:

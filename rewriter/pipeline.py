@@ -15,6 +15,7 @@ from . import capture, fidelity, metrics
 from .calib import Calibration
 from .errors import GuardrailError, ModelError
 from .layouts import OutputLayout, infer_layouts
+from .loading import check_model, infer_shapes
 from .pass_api import Pass, PassContext
 from .progress import log
 
@@ -50,8 +51,8 @@ def checked(model: onnx.ModelProto, who: str) -> onnx.ModelProto:
     """Full ONNX check and fresh shape inference; a failure here is a bug in `who`."""
     model.graph.ClearField("value_info")
     try:
-        model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
-        onnx.checker.check_model(model, full_check=True)
+        model = infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+        check_model(model, full_check=True)
     except Exception as exc:
         raise ModelError(f"{who} produced an invalid model: {str(exc).strip().splitlines()[0]}") from exc
     return model
