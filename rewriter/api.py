@@ -123,6 +123,8 @@ def rewrite(
     target_options = check_target_options(target_options)
     check_remote(rpc, device_key, bench, tune_trials, out_dir)
     spec = _targets().resolve_target(target, target_options)
+    if tuning_db is not None and spec.name != "none":
+        _targets().check_db_path(tuning_db, tune_trials)  # a mistyped database fails before any pass runs
     plan = _plan(passes, options)
     budget = check_budget(budget)
     output_axes = check_output_axes(output_axes)

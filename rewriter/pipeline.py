@@ -48,14 +48,18 @@ class Reference:
 
 
 def checked(model: onnx.ModelProto, who: str) -> onnx.ModelProto:
-    """Full ONNX check and fresh shape inference; a failure here is a bug in `who`."""
+    """Full ONNX check and fresh shape inference (a new model; the one given is left as it was: a pass that
+    changed nothing hands back its input); a failure here is a bug in `who`."""
+    kept = list(model.graph.value_info)
     model.graph.ClearField("value_info")
     try:
-        model = infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
-        check_model(model, full_check=True)
+        inferred = infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+        check_model(inferred, full_check=True)
     except Exception as exc:
         raise ModelError(f"{who} produced an invalid model: {str(exc).strip().splitlines()[0]}") from exc
-    return model
+    finally:
+        model.graph.value_info.extend(kept)
+    return inferred
 
 
 def _check_finite(model: onnx.ModelProto, name: str) -> None:

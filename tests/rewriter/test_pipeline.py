@@ -10,7 +10,8 @@ import pytest
 
 from rewriter import rewrite
 from rewriter.cli import main
-from tests.helpers import CALIB, SAMPLES
+from rewriter.pipeline import checked
+from tests.helpers import CALIB, SAMPLES, mlp_model
 
 REPORT_KEYS = {"input", "output", "passes", "fidelity", "target"}
 PASS_KEYS = {"name", "options", "changed", "macs_before", "macs_after", "bytes_before", "bytes_after", "fidelity",
@@ -107,3 +108,13 @@ def test_bench_times_the_artifact_with_the_threads_onnxruntime_gets(tmp_path):
     result = rewrite(SAMPLES / "digits_mlp.onnx", calib=CALIB, bench=True, target="x86", out_dir=tmp_path / "out")
     bench = result.report["bench"]
     assert bench["artifact_ms"] > 0 and bench["artifact_threads"] == bench["threads"] == 2
+
+
+def test_checked_leaves_the_model_it_is_given_as_it_was():
+    """A pass that changes nothing hands back its input: checking the result must not strip the input's
+    shapes (the budget's sensitivity trials run the next pass on that same model)."""
+    model = checked(mlp_model(), "canonical")
+    assert len(model.graph.value_info) > 0
+    before = model.SerializeToString()
+    checked(model, "a pass that changed nothing")
+    assert model.SerializeToString() == before
