@@ -152,8 +152,25 @@ def _size(model: onnx.ModelProto) -> int | None:
         return None
 
 
+_TYPED_FIELDS = (("float_data", 4), ("int32_data", 4), ("int64_data", 8), ("double_data", 8), ("uint64_data", 8))
+
+
+def _tensor_bytes(model: onnx.ModelProto) -> int:
+    """The bytes of every tensor's values (initializers, node attributes, subgraphs), counted without encoding
+    the model: protobuf's ByteSize costs as much as serializing it."""
+    total = 0
+    for tensor in external_data_helper._get_all_tensors(model):
+        total += _raw_nbytes(tensor) + sum(len(getattr(tensor, name)) * size for name, size in _TYPED_FIELDS)
+    return total
+
+
 def is_large(model: onnx.ModelProto) -> bool:
     """Over LARGE_MODEL_BYTES: the model goes to tools by path, with its weights in an external data file."""
+    values = _tensor_bytes(model)
+    if values > LARGE_MODEL_BYTES:
+        return True
+    if values < LARGE_MODEL_BYTES // 2:  # the rest (nodes, names, shapes) is never a gigabyte: no need to count
+        return False
     size = _size(model)
     return size is None or size > LARGE_MODEL_BYTES
 

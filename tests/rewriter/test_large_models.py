@@ -106,6 +106,20 @@ def test_check_and_infer_work_on_the_lean_copy(monkeypatch):
             loading.check_model(bad(), full_check=full)
 
 
+def test_size_is_only_counted_near_the_threshold(monkeypatch):
+    """Counting a model's size encodes it (as slow as serializing): values far below the threshold skip that."""
+    model = mlp_model()
+    values = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+    counted = []
+    monkeypatch.setattr(loading, "_size", lambda m: counted.append(m) or m.ByteSize())
+    monkeypatch.setattr(loading, "LARGE_MODEL_BYTES", 4 * values)
+    assert not loading.is_large(model) and counted == []
+    monkeypatch.setattr(loading, "LARGE_MODEL_BYTES", values // 2)
+    assert loading.is_large(model) and counted == []  # the values alone are over it
+    monkeypatch.setattr(loading, "LARGE_MODEL_BYTES", values + 1)
+    assert loading.is_large(model) and counted == [model]  # the values fit, the whole model does not
+
+
 def test_session_by_path_matches_the_in_memory_one(tmp_path, monkeypatch):
     model = conv_model()
     feed = {"x": np.random.default_rng(0).normal(size=(2, 3, 12, 12)).astype(np.float32)}
@@ -148,7 +162,8 @@ def test_matmul_add_stays_unfused_for_large_models(monkeypatch):
 
 
 def test_rewrite_through_the_large_path_writes_model_data(tmp_path, everything_large):
-    result = rewrite(MLP, passes=["svd"], calib=CALIB, out_dir=tmp_path / "out")
+    result = rewrite(MLP, passes=["svd"], calib=CALIB, out_dir=tmp_path / "out", bench=True)
+    assert all(ms > 0 for ms in result.report["bench"]["onnxruntime_ms"].values())  # timed through the path too
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert files == ["model.onnx", "model.onnx.data", "report.html", "report.json"]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
