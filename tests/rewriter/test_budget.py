@@ -79,15 +79,22 @@ def test_unreachable_budget_names_what_is_left(cache):
 
 @pytest.mark.slow
 def test_prune_svd_budget_beats_uniform_prune_at_the_same_macs(cache):
-    """The acceptance case: per-unit settings from the curves lose less than one ratio for every group."""
+    """The acceptance case: per-unit settings from the curves lose less than one ratio for every group.
+    300 held-out digits, so that one digit is a third of a point."""
+    from rewriter.canonical import canonicalize
+    from rewriter.loading import load_model
+    from rewriter.passes.prune import PrunePass
+
     resnet = SAMPLES / "digits_resnet.onnx"
-    spent = rewrite(resnet, passes=["prune", "svd"], calib=CALIB, budget={"macs": 0.5}).report
+    spent = rewrite(resnet, passes=["prune", "svd"], calib=CALIB, budget={"macs": 0.5}, holdout=0.5).report
     assert spent["budget"]["met"] and spent["output"]["macs"] <= 0.5 * spent["input"]["macs"]
     assert spent["budget"]["allocation"]["prune"] and spent["budget"]["allocation"]["svd"]
-    uniform = rewrite(resnet, passes=["prune"], calib=CALIB, options={"prune": {"ratio": 0.3}}).report
-    assert uniform["output"]["macs"] >= spent["output"]["macs"]  # the uniform cut keeps at least as many MACs
+    share = spent["output"]["macs"] / spent["input"]["macs"]
+    ratio = PrunePass().uniform_ratio(canonicalize(load_model(resnet), {"input": [1, 1, 8, 8]}), share)
+    uniform = rewrite(resnet, passes=["prune"], calib=CALIB, options={"prune": {"ratio": ratio}}, holdout=0.5).report
+    assert abs(uniform["output"]["macs"] / uniform["input"]["macs"] - share) < 0.01
     ours, theirs = spent["fidelity"], uniform["fidelity"]
-    assert ours["accuracy_after"] >= theirs["accuracy_after"]
+    assert ours["accuracy_after"] > theirs["accuracy_after"]  # measured 99.0 % against 98.7 % (99.7 % before)
     assert ours["cosine"] > theirs["cosine"] and ours["channel_cosine_min"] > theirs["channel_cosine_min"]
 
 
