@@ -31,8 +31,10 @@ def build_artifact(
     tune_trials: int = 0,
     tuning_db: str | None = None,
     log: Log | None = None,
+    remote: tuning.Remote | None = None,
 ) -> dict[str, Any]:
-    """Compile `model` for `spec` into `out_path`; returns the report's `target` dict."""
+    """Compile `model` for `spec` into `out_path`; returns the report's `target` dict. With `remote`
+    (tracker HOST:PORT, device key) tuning measures the candidates on a device from that tracker."""
     start = time.perf_counter()
     report: dict[str, Any] = {
         "name": spec.name,
@@ -52,7 +54,7 @@ def build_artifact(
         tuning.check_db_path(tuning_db, tune_trials)  # a mistyped path must not build untuned in silence
     fcompile = export_compiler(spec)  # fail fast on a missing toolchain
     if tune_trials > 0:
-        tuning.check_tunable(spec)
+        tuning.check_tunable(spec, remote)
     _say(log, f"lowering to {describe(spec)}")
     out = Path(out_path)
     if cuda_offline.needs_child(spec):
@@ -60,7 +62,7 @@ def build_artifact(
         # artifact embeds a cubin, not CUDA C source (the artifact contract).
         tuned = cuda_offline.build_in_child(model, spec, out, tuning_db, log)
     else:
-        tuned = lower_and_export(model, spec, out, tune_trials, tuning_db, log, fcompile)
+        tuned = lower_and_export(model, spec, out, tune_trials, tuning_db, log, fcompile, remote)
     report.update(
         artifact=out.name,
         tuning_trials=tune_trials,
@@ -81,6 +83,7 @@ def lower_and_export(
     tuning_db: str | None,
     log: Log | None,
     fcompile: Callable[..., Any] | None,
+    remote: tuning.Remote | None = None,
 ) -> dict[str, Any] | None:
     """Lower, compile and export in this process; the tuning summary (tuning.summary) when a database was used."""
     target = make_tvm_target(spec)
@@ -90,7 +93,7 @@ def lower_and_export(
         fused = _guard("TVM cannot lower the model",
                        lambda: lift.bind_compact(fuse_pipeline()(import_onnx(compact)), arrays))
     with _tuning_dir(tuning_db, tune_trials) as work_dir:
-        database, tuned = _database(fused, target, tune_trials, work_dir, log)
+        database, tuned = _database(fused, target, tune_trials, work_dir, log, remote)
         executable = _guard("TVM cannot compile the model", lambda: _compile(fused, target, database))
     _export(executable, out_path, fcompile)
     if tuned is not None:
@@ -184,13 +187,13 @@ def _compile(fused: Any, target: Any, database: Any | None) -> Any:
         return tvm.compile(scheduled, target=target, relax_pipeline="default_build")
 
 
-def _database(fused: Any, target: Any, trials: int, work_dir: str | None,
-              log: Log | None) -> tuple[Any | None, dict[str, Any] | None]:
+def _database(fused: Any, target: Any, trials: int, work_dir: str | None, log: Log | None,
+              remote: tuning.Remote | None = None) -> tuple[Any | None, dict[str, Any] | None]:
     """The database to apply and its tuning summary, or (None, None) without tuning or a database."""
     if work_dir is None:
         return None, None
     if trials > 0:
-        return tuning.tune(fused, target, trials, work_dir, log)
+        return tuning.tune(fused, target, trials, work_dir, log, remote)
     return tuning.reuse(fused, target, work_dir, log)
 
 

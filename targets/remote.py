@@ -1,4 +1,5 @@
-"""Timing an artifact on a remote device through a TVM RPC tracker (`--rpc HOST:PORT --device-key KEY --bench`).
+"""Remote devices through a TVM RPC tracker: timing an artifact (`--rpc HOST:PORT --device-key KEY --bench`) and
+checking the tracker before tuning on its devices (`--tune-trials N`, see targets/tuning.py).
 
 The tracker is TVM's own device-farm broker: boards run `python -m tvm.exec.rpc_server --tracker HOST:PORT
 --key KEY`; we ask the tracker for one of them, upload the library, run it in the Relax VM there and time it
@@ -44,6 +45,36 @@ def _free_devices(host: str, port: int, key: str) -> int:
     return int(queue[key].get("free", 0))
 
 
+def check_device(tracker: str, key: str, timeout_s: float = 30.0) -> int:
+    """UsageError in one line unless the tracker answers within `timeout_s` and knows `key`; returns the
+    number of free devices. Asked before tuning on remote devices, so a mistake costs no compile time."""
+    host, port = parse_tracker(tracker)
+    found: dict = {}
+
+    def work() -> None:
+        try:
+            found["devices"] = _free_devices(host, port, key)
+        except Exception as exc:  # noqa: BLE001 - reported below as one line
+            found["error"] = exc
+
+    thread = threading.Thread(target=work, daemon=True)  # daemon: a silent tracker cannot keep us alive
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise UsageError(f"the RPC tracker at {tracker} did not answer within {timeout_s:.0f} s")
+    error = found.get("error")
+    if isinstance(error, RewriterError):
+        raise error
+    if error is not None:
+        raise UsageError(f"the RPC tracker at {tracker} failed: {_first_line(error)}")
+    return found["devices"]
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
 def _time_remote(path: Path, inputs: list[np.ndarray], host: str, port: int, key: str) -> dict:
     import tvm
     from tvm import relax, rpc
@@ -84,6 +115,5 @@ def remote_timing(
     if isinstance(error, RewriterError):
         raise error
     if error is not None:
-        text = str(error).strip().splitlines()
-        raise ModelError(f"the device {key!r} from {tracker} failed: {text[0] if text else type(error).__name__}")
+        raise ModelError(f"the device {key!r} from {tracker} failed: {_first_line(error)}")
     return {**found, "device_key": key, "tracker": tracker}
