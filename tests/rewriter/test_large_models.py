@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -257,6 +258,13 @@ def large(tmp_path_factory):
         file.unlink()
 
 
+@pytest.fixture
+def out(tmp_path):
+    """The OUT_DIR of a large run, removed afterwards whatever happened (2 GiB each)."""
+    yield tmp_path / "out"
+    shutil.rmtree(tmp_path / "out", ignore_errors=True)
+
+
 def _outputs(path: Path, calib: Path) -> np.ndarray:
     """onnxruntime's outputs for the first 8 calibration samples, the model opened by path (its data mapped)."""
     options = ort.SessionOptions()
@@ -282,25 +290,25 @@ def _check_written(out: Path) -> None:
 
 
 @pytest.mark.slow
-def test_large_model_without_passes(large, tmp_path):
+def test_large_model_without_passes(large, out):
     path, calib = large
-    result = rewrite(path, calib=calib, out_dir=tmp_path / "out")
+    result = rewrite(path, calib=calib, out_dir=out)
     assert result.report["fidelity"]["cosine"] > 1 - 1e-6
     del result
-    _check_written(tmp_path / "out")
-    np.testing.assert_allclose(_outputs(tmp_path / "out" / "model.onnx", calib), _outputs(path, calib),
+    _check_written(out)
+    np.testing.assert_allclose(_outputs(out / "model.onnx", calib), _outputs(path, calib),
                                rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
-def test_large_model_with_svd(large, tmp_path):
+def test_large_model_with_svd(large, out):
     path, calib = large
-    result = rewrite(path, passes=["svd"], calib=calib, out_dir=tmp_path / "out",
+    result = rewrite(path, passes=["svd"], calib=calib, out_dir=out,
                      options={"svd": {"ops": "Gemm", "rank_ratio": 0.25}})  # only 'small': cheap to fit
     assert result.report["passes"][0]["changed"] == ["small"]
     reported = result.report["fidelity"]["cosine"]
     del result
-    _check_written(tmp_path / "out")
-    written, original = _outputs(tmp_path / "out" / "model.onnx", calib), _outputs(path, calib)
+    _check_written(out)
+    written, original = _outputs(out / "model.onnx", calib), _outputs(path, calib)
     cosine = float(np.sum(written * original) / np.linalg.norm(written) / np.linalg.norm(original))
     assert cosine > 0.999 and abs(cosine - reported) < 1e-3, (cosine, reported)
