@@ -100,7 +100,7 @@ def test_zero_trials_applies_the_records(tuned: dict, tmp_path: Path) -> None:
     report = build_artifact(_static_mlp(), resolve_target("x86"), out, tuning_db=str(db))
     assert report["tuning_trials"] == 0 and report["tuning_db"] == str(db)
     assert report["tuning"] == {**tuned["report"]["tuning"], "db": str(db), "tasks_with_records": 1,
-                                "tasks_tuned": 0, "trials_run": 0, "seeded": 0}
+                                "tasks_tuned": 0, "trials_run": 0, "seeded": 0, "runner": None}
     assert _db_files(db) == tuned["files"]
     assert out.read_bytes() == tuned["artifact"].read_bytes()
     _assert_matches_onnxruntime(out)
