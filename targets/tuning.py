@@ -91,6 +91,10 @@ def check_tunable(spec: TargetSpec, remote: Remote | None = None) -> None:
     if spec.is_gpu and not tvm.cuda(0).exist:
         # Without a driver here the build goes through cuda_offline's child process, which does not tune.
         raise UsageError(f"tuning for {spec.name} needs a CUDA GPU on this machine")
+    if remote is not None and spec.is_aarch64:
+        # The candidates are cross-linked (export_candidate), but no aarch64 RPC device has measured them yet.
+        raise UsageError(f"tuning for {spec.name} through --rpc is not verified yet (no aarch64 RPC device tested): "
+                         "build it untuned, or tune an x86 target through --rpc")
     if remote is not None:
         from rewriter.targets.remote import check_device
 
