@@ -303,7 +303,7 @@ def _write(
         if spec.name != "none":
             log(f"building for target {spec.name}")
         artifact = stage / f"model.{spec.artifact_suffix}.so"
-        target = _targets().build_artifact(static, spec, artifact, tune_trials, tuning_db, log)
+        target = _targets().build_artifact(static, spec, artifact, tune_trials, tuning_db, log, remote=remote)
         result.report["target"].update(target)
         if feed is not None and target.get("artifact"):
             log("timing the artifact")

@@ -100,12 +100,13 @@ def check_target_options(options: Any) -> dict[str, str]:
 
 
 def check_remote(rpc: Any, device_key: Any, bench: bool, tune_trials: int, out_dir: Any) -> None:
-    """--rpc and --device-key go together, and only --bench uses them (remote tuning is not supported yet)."""
+    """--rpc and --device-key go together; --bench times the built artifact on the remote device and
+    --tune-trials measures the tuning candidates there, and both need an artifact (--out)."""
     if rpc is None and device_key is None:
         return
     if not isinstance(rpc, str) or not isinstance(device_key, str) or not rpc or not device_key:
         raise UsageError("--rpc HOST:PORT and --device-key KEY are given together")
-    if tune_trials:
-        raise UsageError("tuning on remote devices (--rpc with --tune-trials) is not supported yet; tune locally")
-    if not bench or out_dir is None:
-        raise UsageError("--rpc is used by --bench to time the built artifact on a remote device: add --bench")
+    if not (bench or tune_trials) or out_dir is None:
+        raise UsageError("--rpc is used by --bench (time the built artifact on a remote device) and by --tune-trials "
+                         "(measure the tuning candidates there) when an artifact is built: add --bench or "
+                         "--tune-trials, and --out")

@@ -98,8 +98,18 @@ def test_unknown_key_and_unreachable_tracker_fail_fast(tracker, tmp_path):
 def test_rpc_needs_bench_and_a_key():
     with pytest.raises(UsageError, match="together"):
         rewrite(SAMPLES / "digits_mlp.onnx", rpc="127.0.0.1:9190")
-    with pytest.raises(UsageError, match="add --bench"):
+    with pytest.raises(UsageError, match="add --bench or --tune-trials"):
         rewrite(SAMPLES / "digits_mlp.onnx", rpc="127.0.0.1:9190", device_key="x")
+
+
+def test_cli_tuning_through_an_unknown_key_writes_nothing(tracker, tmp_path, capsys):
+    """The CLI path: --rpc with --tune-trials reaches the remote runner's checks (no silent local tuning)."""
+    from rewriter.cli import main
+
+    code = main([str(SAMPLES / "digits_mlp.onnx"), "--target", "x86", "--tune-trials", "2", "--tuning-db",
+                 str(tmp_path / "db"), "--rpc", tracker, "--device-key", "board", "-o", str(tmp_path / "out")])
+    assert code == 2 and "no device with key 'board'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "db").exists()
 
 
 # tuning on the remote device -------------------------------------------------------------------
