@@ -15,6 +15,8 @@ class Moments:
     new: np.ndarray  # E[x' x'^T]
     cross: np.ndarray  # E[x' x^T]
     old: np.ndarray  # E[x x^T]
+    # The same moments over the fit rows and over held-out rows (samples set aside), to choose the ridge on.
+    split: tuple[Moments, Moments] | None = None
 
     @classmethod
     def same(cls, cov: np.ndarray) -> Moments:
@@ -62,6 +64,26 @@ def compensated_target(w: np.ndarray, moments: Moments, ridge: float = 1e-3) -> 
     k = len(w)
     damping = ridge * max(float(np.trace(moments.new)) / k, 1e-30)
     return np.linalg.solve(moments.new + damping * np.eye(k), moments.cross @ w + damping * w)
+
+
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # shrinkage towards the original weights, relative to the input scale
+
+
+def fitted_target(w: np.ndarray, moments: Moments, rank_of) -> tuple[np.ndarray, float | None]:
+    """The compensated target over all rows, with the ridge whose split (at the rank `rank_of(s)` gives)
+    keeps the held-out rows' outputs closest when fitted on the other rows: calibration sets are small, and
+    a fit that follows them too closely loses more than it corrects. None when nothing needs compensating."""
+    if moments.unchanged or moments.split is None:
+        return compensated_target(w, moments), None
+    fit, held = moments.split
+    errors = {}
+    for ridge in RIDGES:
+        target = compensated_target(w, fit, ridge)
+        s, basis = right_basis(target, fit.new)
+        kept = basis[:, : rank_of(s)]
+        errors[ridge] = output_error(w, target @ kept @ kept.T, held)
+    best = min(RIDGES, key=lambda r: (errors[r], -r))
+    return compensated_target(w, moments, best), best
 
 
 def output_error(w: np.ndarray, approx: np.ndarray, moments: Moments) -> float:

@@ -26,7 +26,7 @@ from rewriter.registry import register_pass
 
 from ._lowrank import (
     Moments,
-    compensated_target,
+    fitted_target,
     lowrank_factor,
     output_error,
     pick_rank,
@@ -59,6 +59,7 @@ NEEDS_DATA = "data_aware=true fits each split to the layer's outputs; or --opt s
 # Early stopping still draws its rows from at least this many samples (when there are that many): an early
 # conv layer yields thousands of rows per image, and one image is not a calibration set.
 SPREAD_SAMPLES = 32
+HELD_EVERY = 4  # one fit sample in this many is held out to choose the ridge on
 
 
 def _row_picker(ctx: PassContext, rows_needed: int):
@@ -79,6 +80,15 @@ def _row_picker(ctx: PassContext, rows_needed: int):
 def _rows_needed(k: int) -> int:
     """Input rows after which k x k moments are stable enough to stop reading samples."""
     return max(ROWS_PER_INPUT * k, MIN_ROWS)
+
+
+def _split_moments(sums: list[list[np.ndarray]], counts: list[int]) -> Moments:
+    """Moments over all rows, carrying the fit and held-out parts when both have rows."""
+    total = _moments(*((f + h) / max(sum(counts), 1) for f, h in zip(*sums, strict=True)))
+    if total.unchanged or min(counts) == 0:
+        return total
+    fit, held = (Moments(*(m / n for m in part)) for part, n in zip(sums, counts, strict=True))
+    return Moments(total.new, total.cross, total.old, split=(fit, held))
 
 
 def _moments(new: np.ndarray, cross: np.ndarray, old: np.ndarray) -> Moments:
@@ -290,25 +300,29 @@ class SvdPass:
         if not wanted:
             return {}
         ctx.require_data("svd", NEEDS_DATA)
-        sums = {la.label: [np.zeros((la.w.shape[0],) * 2) for _ in range(3)] for la in wanted}
-        counts = dict.fromkeys(sums, 0)
+        # [fit, held-out] x [new, cross, old] per layer; every HELD_EVERY-th sample is held out
+        sums = {la.label: [[np.zeros((la.w.shape[0],) * 2) for _ in range(3)] for _ in range(2)] for la in wanted}
+        counts = {la.label: [0, 0] for la in wanted}
         pickers = {la.label: _row_picker(ctx, _rows_needed(la.w.shape[0])) for la in wanted}
+        seen = [0]
 
         def update(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> bool:
+            part = int(seen[0] % HELD_EVERY == HELD_EVERY - 1)
+            seen[0] += 1
             for la in wanted:
-                if counts[la.label] >= _rows_needed(la.w.shape[0]):
+                if counts[la.label][0] >= _rows_needed(la.w.shape[0]):
                     continue
                 x, x_new = pickers[la.label](la.rows(before[la.node.input[0]].astype(np.float64)),
                                              la.rows(after[la.node.input[0]].astype(np.float64)))
-                new, cross, old = sums[la.label]
+                new, cross, old = sums[la.label][part]
                 new += x_new.T @ x_new
                 cross += x_new.T @ x
                 old += x.T @ x
-                counts[la.label] += len(x)
-            return all(counts[la.label] >= _rows_needed(la.w.shape[0]) for la in wanted)
+                counts[la.label][part] += len(x)
+            return all(counts[la.label][0] >= _rows_needed(la.w.shape[0]) for la in wanted)
 
         ctx.reduce_pair(original, current, sorted({la.node.input[0] for la in wanted}), update)
-        return {label: _moments(*(m / max(counts[label], 1) for m in sums[label])) for label in sums}
+        return {label: _split_moments(sums[label], counts[label]) for label in sums}
 
     def _fits_on_data(self, layer: Layer) -> bool:
         return self.data_aware and layer.kind != "spatial" and layer.w.shape[0] <= MAX_COVARIANCE_DIM
@@ -321,7 +335,10 @@ class SvdPass:
             o, i, kh, kw = layer.w.shape
             s = np.linalg.svd(layer.w.transpose(1, 2, 0, 3).reshape(i * kh, o * kw), compute_uv=False)
         else:
-            target = layer.w if moments is None else compensated_target(layer.w, moments)
+            target, ridge = layer.w, None
+            if moments is not None:
+                target, ridge = fitted_target(layer.w, moments, lambda s: pick_rank(s, ratio, self.energy,
+                                                                                   self.min_rank))
             s, basis = right_basis(target, None if moments is None else moments.new)
         rank = pick_rank(s, ratio, self.energy, self.min_rank)
         new_macs = layer.split_macs(rank)
@@ -334,6 +351,8 @@ class SvdPass:
         else:
             a, b = target @ basis[:, :rank], basis[:, :rank].T
             first, second = factor_weights(layer, a, b)
+            if ridge is not None:
+                info["ridge"] = ridge  # chosen on held-out samples
             if moments is not None:
                 plain_a, plain_b = lowrank_factor(layer.w, rank)
                 info["output_error"] = output_error(layer.w, a @ b, moments)

@@ -261,3 +261,21 @@ def test_independent_layers_share_a_capture_wave():
     view = GraphView(model)
     layers = [find_layer(view, n, "channel") for n in model.graph.node if n.op_type == "MatMul"]
     assert [[la.label for la in wave] for wave in independent_waves(model, layers)] == [["stem"], ["left", "right"]]
+
+
+def test_ridge_chosen_on_held_out_samples_beats_the_old_constant(monkeypatch):
+    """300 fit digits, 300 held out: the shrinkage chosen on held-out fit samples keeps the outputs closer
+    than the constant it replaced (measured: cosine 0.987 -> 0.991 at rank_ratio=0.25)."""
+    from rewriter.passes import _lowrank
+
+    def run() -> dict:
+        return rewrite(SAMPLES / "digits_mlp.onnx", passes=["svd"], calib=CALIB, holdout=0.5,
+                       options={"svd": {"rank_ratio": 0.25}}).report
+
+    chosen = run()
+    ridges = [d.get("ridge") for d in chosen["passes"][0]["notes"]["layers"].values()]
+    assert ridges[0] is None and ridges[1] in _lowrank.RIDGES  # the first layer's inputs are unchanged
+    monkeypatch.setattr(_lowrank, "RIDGES", (1e-3,))
+    constant = run()
+    assert chosen["fidelity"]["cosine"] > constant["fidelity"]["cosine"]
+    assert chosen["fidelity"]["channel_cosine_min"] > constant["fidelity"]["channel_cosine_min"]
