@@ -137,6 +137,10 @@ def random_graph(choose: Choose) -> onnx.ModelProto:
     return model
 
 
+# exit fits a head per exit point and needs at least 20 fit samples: fewer would only test its refusal
+CALIBRATION_SAMPLES = {"exit": 40}
+
+
 def calibration(model: onnx.ModelProto, samples: int = 24, seed: int = 0) -> dict[str, np.ndarray]:
     dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
     return {"x": np.random.default_rng(seed).normal(size=(samples, *dims)).astype(np.float32)}
@@ -151,7 +155,8 @@ def try_pass(model: onnx.ModelProto, name: str, options: dict | None = None) -> 
     from rewriter.errors import RewriterError
 
     try:
-        result = rewrite(model, passes=[name], calib=calibration(model), options={name: options or {}})
+        result = rewrite(model, passes=[name], calib=calibration(model, CALIBRATION_SAMPLES.get(name, 24)),
+                         options={name: options or {}})
     except RewriterError as exc:
         assert exc.exit_code in (2, 3), f"{name}: exit {exc.exit_code}: {exc}"
         assert "\n" not in str(exc), f"{name}: a refusal must be one line: {exc}"
