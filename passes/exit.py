@@ -121,6 +121,12 @@ class ExitPass:
         agrees = [np.argmax(o, axis=1) == top for o in oof]
         head_macs = [f.shape[1] * scores.classes for f in features]
         keep = self._select(points, confs, agrees, head_macs, total)
+        thresholds = choose_thresholds([confs[i] for i in keep], [agrees[i] for i in keep], self.agreement) \
+            if keep else []
+        # An exit no fit sample is left to reach (all left earlier) has no finite threshold and would never
+        # fire: it goes, and the others keep theirs (nobody was routed to it).
+        keep = [i for i, t in zip(keep, thresholds, strict=True) if np.isfinite(t)]
+        thresholds = [t for t in thresholds if np.isfinite(t)]
         if not keep:
             why = _no_exit_reason(len(logits), self.agreement)
             ctx.log(f"exit: no exit point lowers the expected MACs at agreement {self.agreement}; model unchanged"
@@ -128,7 +134,6 @@ class ExitPass:
             return PassResult(model, [], {"exits": [], "macs_total": total, "why": why,
                                           "candidates": [p.tensor for p in points]})
         confs, agrees = [confs[i] for i in keep], [agrees[i] for i in keep]
-        thresholds = choose_thresholds(confs, agrees, self.agreement)
         costs = _costs([points[i] for i in keep], [head_macs[i] for i in keep])
         full = total + sum(head_macs[i] for i in keep)
         heads = [fit_head(features[i], logits, self.head, ctx.seed) for i in keep]  # deployed: all fit samples
