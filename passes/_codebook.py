@@ -150,6 +150,26 @@ def compensated_target(m: np.ndarray, new: np.ndarray, cross: np.ndarray, ridge:
     return np.linalg.solve(new + damping * np.eye(len(new)), cross @ m.T + damping * m.T).T
 
 
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # shrinkage of the compensated target towards the original weights
+
+
+def fitted_target(
+    m: np.ndarray, moments: tuple[np.ndarray, np.ndarray], count: int,
+    held: tuple[np.ndarray, np.ndarray, np.ndarray] | None, held_count: int,
+) -> tuple[np.ndarray, float | None]:
+    """`compensated_target` over all rows (mean moments new, cross over `count` rows), its ridge chosen as
+    the one whose target, fitted without the held-out rows (`held`: their mean new, cross, old), keeps
+    those rows' outputs closest. None when nothing is compensated or no rows were held out."""
+    new, cross = moments
+    if np.array_equal(new, cross) or held is None or not 0 < held_count < count:
+        return compensated_target(m, new, cross), None
+    rest = count - held_count
+    fit_new, fit_cross = ((a * count - b * held_count) / rest for a, b in ((new, held[0]), (cross, held[1])))
+    errors = {r: output_error_rel(m, compensated_target(m, fit_new, fit_cross, r), *held) for r in RIDGES}
+    best = min(RIDGES, key=lambda r: (errors[r], -r))
+    return compensated_target(m, new, cross, best), best
+
+
 def output_error_rel(w: np.ndarray, approx: np.ndarray, new: np.ndarray, cross: np.ndarray, old: np.ndarray) -> float:
     """||X' A^T - X W^T|| / ||X W^T|| for output-major W, A (N x K), from the input moments."""
     reference = float(np.sum(w * (w @ old.T)))

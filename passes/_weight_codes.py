@@ -16,10 +16,13 @@ from rewriter.graph import GraphView, attributes, node_reads, unique_name
 from rewriter.layers import Conv2d, conv2d_geometry, conv_patches, rows
 from rewriter.pass_api import PassContext
 
+from ._codebook import fitted_target
+
 # Above this input width a K x K moment matrix would take too much memory and time.
 MAX_MOMENT_DIM = 4608
 ROWS_PER_INPUT, MIN_ROWS = 64, 16384
 FLUSH_ROWS = 8192
+HELD_EVERY = 4  # one sample in this many is also kept apart, to choose the fits' shrinkage on
 FLOATS = (np.float16, np.float32, np.float64)
 
 
@@ -150,6 +153,7 @@ class InputStats:
     old: np.ndarray | None = None
     blocks: np.ndarray | None = None
     group: int = 1  # per-group widths are padded separately to whole blocks
+    held: InputStats | None = None  # full moments of the held-out samples' rows alone (also in the above)
     count: int = 0
     pending: list = field(default_factory=list)  # (x, x', same) rows not yet folded in: few large products
     pending_rows: int = 0
@@ -161,6 +165,12 @@ class InputStats:
 
 def rows_needed(width: int) -> int:
     return max(ROWS_PER_INPUT * width, MIN_ROWS)
+
+
+def compensation(m: np.ndarray, stats: InputStats) -> tuple[np.ndarray, float | None]:
+    """The layer's compensated target from its full moments, the ridge chosen on the held-out rows."""
+    held = None if stats.held is None else (stats.held.new, stats.held.cross, stats.held.old)
+    return fitted_target(m, (stats.new, stats.cross), stats.count, held, 0 if held is None else stats.held.count)
 
 
 def wants_full(layer: WeightLayer) -> bool:
@@ -185,7 +195,11 @@ def capture_stats(
     if not live:
         return {}
 
+    seen = [0]
+
     def update(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> bool:
+        held_out = seen[0] % HELD_EVERY == HELD_EVERY - 1
+        seen[0] += 1
         for la in live:
             st = stats[la.label]
             if st.count >= rows_needed(min(la.full_width, MAX_MOMENT_DIM)):
@@ -193,15 +207,16 @@ def capture_stats(
             x = la.input_rows(before[la.node.input[0]].astype(np.float64))
             same = np.array_equal(before[la.node.input[0]], after[la.node.input[0]])
             x_new = x if same else la.input_rows(after[la.node.input[0]].astype(np.float64))
-            st.pending.append((x, x_new, same))
-            st.pending_rows += len(x)
-            st.count += len(x)
-            if st.pending_rows >= FLUSH_ROWS:
-                _flush(st)
+            for part in (st, st.held) if held_out and st.held is not None else (st,):
+                part.pending.append((x, x_new, same))
+                part.pending_rows += len(x)
+                part.count += len(x)
+                if part.pending_rows >= FLUSH_ROWS:
+                    _flush(part)
         return all(stats[la.label].count >= rows_needed(min(la.full_width, MAX_MOMENT_DIM)) for la in live)
 
     ctx.reduce_pair(original, current, sorted({la.node.input[0] for la in live}), update, desc=desc)
-    for st in stats.values():
+    for st in [*stats.values(), *(st.held for st in stats.values() if st.held is not None)]:
         _flush(st)
         scale = 1.0 / max(st.count, 1)
         for name in ("new", "cross", "old", "blocks"):
@@ -214,7 +229,8 @@ def capture_stats(
 def _empty_stats(layer: WeightLayer, block: int | None) -> InputStats | None:
     width = layer.full_width
     if wants_full(layer):
-        return InputStats(np.zeros((width, width)), np.zeros((width, width)), np.zeros((width, width)))
+        held = InputStats(np.zeros((width, width)), np.zeros((width, width)), np.zeros((width, width)))
+        return InputStats(np.zeros((width, width)), np.zeros((width, width)), np.zeros((width, width)), held=held)
     if block is None:
         return None
     per_group = math.ceil(width // layer.group / block)

@@ -18,13 +18,14 @@ from rewriter.pass_api import PassContext, PassResult
 from rewriter.progress import progress
 from rewriter.registry import register_pass
 
-from ._codebook import binarize, compensated_target, output_error_rel, refit_alpha
+from ._codebook import binarize, output_error_rel, refit_alpha
 from ._weight_codes import (
     InputStats,
     WeightLayer,
     binary_decoder,
     boundary_layers,
     capture_stats,
+    compensation,
     copy_model,
     find_weight_layer,
     independent_waves,
@@ -94,7 +95,9 @@ class BinaryPass:
             signs, alpha = binarize(m, self.bases)
             info["fit"] = "weights only"
         else:
-            target = compensated_target(m, stats.new, stats.cross)
+            target, ridge = compensation(m, stats)
+            if ridge is not None:
+                info["ridge"] = ridge  # chosen on held-out samples
             signs, start = binarize(target, self.bases)
             alpha = refit_alpha(signs, m, stats.new, stats.cross, start)
             plain_signs, plain_alpha = binarize(m, self.bases)

@@ -28,11 +28,12 @@ from rewriter.pass_api import PassContext, PassResult
 from rewriter.progress import progress
 from rewriter.registry import register_pass
 
-from ._codebook import activation_em, compensated_target, output_error_rel, plain_kmeans, weight_error
+from ._codebook import activation_em, output_error_rel, plain_kmeans, weight_error
 from ._weight_codes import (
     InputStats,
     WeightLayer,
     capture_stats,
+    compensation,
     copy_model,
     dense_decoder,
     find_weight_layer,
@@ -197,11 +198,10 @@ class PqPass:
         plain_codes = plain_codes.reshape(-1, n // g)
         if stats is None:
             return book, codes_to_rows(plain_codes, g, n).astype(np.uint8), {"fit": "k-means on weights"}
-        target = m
+        target, ridge = m, None
         if stats.full:
-            new, cross = padded_square(stats.new, d), padded_square(stats.cross, d)
-            target = compensated_target(m, new, cross)
-            grams = diagonal_blocks(new, d)
+            compensated, ridge = compensation(layer.matrix, stats)
+            target, grams = padded(compensated, d), diagonal_blocks(padded_square(stats.new, d), d)
         else:
             grams = stats.blocks
         v3 = to_blocks(target, g, d)
@@ -209,6 +209,8 @@ class PqPass:
         book_em, codes, history = activation_em(v3, grams, book, self.iters, seed)
         fit = {"fit": "activation EM", "em_iterations": len(history) - 1,
                "objective_ratio": float(history[-1] / max(start, 1e-30)) if history else 1.0}
+        if ridge is not None:
+            fit["ridge"] = ridge  # chosen on held-out samples
         if stats.full and wants_full(layer):
             width = layer.matrix.shape[1]
             approx = book_em[codes_to_rows(codes, g, n)].reshape(m.shape)[:, :width]
