@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -34,11 +35,37 @@ PACKAGE_ROOT = Path(rewriter.__file__).resolve().parent.parent
 CHILD_CODE = "import sys; from rewriter.targets.cuda_offline import child_main; sys.exit(child_main(sys.argv[1:]))"
 
 
-def needs_child(spec: TargetSpec) -> bool:
-    """True for a cuda target when this machine has no usable CUDA driver/GPU."""
+def needs_child(spec: TargetSpec, tune_trials: int = 0) -> bool:
+    """True for every cuda build except tuning on a present GPU: the artifact is built the same way with or
+    without a GPU (nvcc against the stub driver, no NVRTC and its cuda-bindings); tuning must measure on the
+    real device, in this process."""
     import tvm
 
-    return (spec.tvm_target or {}).get("kind") == "cuda" and not tvm.cuda(0).exist
+    if (spec.tvm_target or {}).get("kind") != "cuda":
+        return False
+    return tune_trials == 0 or not tvm.cuda(0).exist
+
+
+def compile_with_ptx(code: str) -> bytearray:
+    """nvcc fatbin holding the target arch's machine code (SASS) and its PTX, uncompressed: a GPU newer than
+    the arch (sm_90 for an sm_80 build) cannot run the SASS but its driver JIT-compiles the PTX."""
+    from tvm.support import nvcc
+    from tvm.target import Target
+
+    target = Target.current(allow_none=True)
+    arch = str(getattr(target, "arch", "") or "sm_80")
+    suffix = arch.removeprefix("sm_")
+    gencode = ["-gencode", f"arch=compute_{suffix},code=sm_{suffix}",
+               "-gencode", f"arch=compute_{suffix},code=compute_{suffix}"]
+    return nvcc.compile_cuda(code, target_format="fatbin", arch=gencode, options=["-Xfatbin=-compress=false"],
+                             compiler="nvcc")
+
+
+def use_ptx_compile() -> None:
+    """Route TVM's CUDA compile callback through `compile_with_ptx` (replacing its NVRTC/nvcc choice)."""
+    import tvm_ffi
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_with_ptx, override=True)
 
 
 def build_in_child(model: onnx.ModelProto, spec: TargetSpec, out_path: Path, tuning_db: str | None,
@@ -67,17 +94,25 @@ def build_in_child(model: onnx.ModelProto, spec: TargetSpec, out_path: Path, tun
     return tuned
 
 
+def ptx_version(path: str | os.PathLike) -> str | None:
+    """The PTX ISA version embedded (e.g. '9.0' from CUDA 13's nvcc): a driver must support at least that
+    CUDA release to JIT it (PTX ISA 9.0: CUDA 13.0, driver R580 or newer)."""
+    found = re.search(rb"\.version (\d+\.\d+)", Path(path).read_bytes())
+    return found.group(1).decode() if found else None
+
+
 def device_code(path: str | os.PathLike) -> str | None:
-    """What device code an exported library embeds: 'cubin', 'ptx', 'cuda-source' or None."""
+    """What device code an exported library embeds: 'cubin+ptx', 'cubin', 'ptx', 'cuda-source' or None."""
     data = Path(path).read_bytes()
+    ptx = b".target sm_" in data
     start = data.find(b"\x7fELF", 1)  # offset 0 is the host library itself
     while start != -1:
         if int.from_bytes(data[start + 18:start + 20], "little") == EM_CUDA:
-            return "cubin"
+            return "cubin+ptx" if ptx else "cubin"
         start = data.find(b"\x7fELF", start + 1)
     if b"__global__" in data:
         return "cuda-source"
-    return "ptx" if b".target sm_" in data else None
+    return "ptx" if ptx else None
 
 
 def _child_env(stubs: Path, nvcc: str) -> dict[str, str]:
@@ -108,6 +143,7 @@ def child_main(argv: list[str]) -> int:
     spec = TargetSpec(name, json.loads(target_json), name)
     try:
         _check_cuda_runtime()
+        use_ptx_compile()
         model = onnx.load_model(model_path)
         tuned = lower_and_export(model, spec, Path(out_path), 0, rest[0] if rest else None,
                                  lambda msg: print(LOG_PREFIX, msg, flush=True), export_compiler(spec))

@@ -57,7 +57,9 @@ def build_artifact(
         tuning.check_tunable(spec, remote)
     _say(log, f"lowering to {describe(spec)}")
     out = Path(out_path)
-    if cuda_offline.needs_child(spec):
+    if spec.is_gpu:
+        cuda_offline.use_ptx_compile()  # in-process (tuning on a GPU) as in the child: SASS + PTX, by nvcc
+    if cuda_offline.needs_child(spec, tune_trials):
         # No GPU driver here: compile in a child process against a stub libcuda so the
         # artifact embeds a cubin, not CUDA C source (the artifact contract).
         tuned = cuda_offline.build_in_child(model, spec, out, tuning_db, log)
@@ -69,6 +71,7 @@ def build_artifact(
         tuning_db=str(tuning_db) if tuned is not None and tuning_db is not None else None,
         tuning=tuned,
         device_code=cuda_offline.device_code(out) if spec.is_gpu else None,
+        ptx_version=cuda_offline.ptx_version(out) if spec.is_gpu else None,
         build_seconds=round(time.perf_counter() - start, 3),
     )
     _say(log, f"built {out.name} in {report['build_seconds']:.1f} s")

@@ -1,8 +1,9 @@
-"""targets: the cuda artifact, built with no GPU, embeds a precompiled sm_80 cubin."""
+"""targets: the cuda artifact, built with no GPU, embeds a precompiled sm_80 cubin and its PTX."""
 
 from __future__ import annotations
 
 import contextlib
+import re
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ needs_nvcc = pytest.mark.skipif(not _has_nvcc(), reason="nvcc (CUDA toolkit) is 
 def test_cuda_builds_without_gpu(tmp_path: Path) -> None:
     out = tmp_path / "model.cuda.so"
     report = build_artifact(conv_gemm_model(), resolve_target("cuda"), out)
-    assert report["artifact"] == "model.cuda.so" and report["device_code"] == "cubin"
+    assert report["artifact"] == "model.cuda.so" and report["device_code"] == "cubin+ptx"
     assert [p.name for p in tmp_path.iterdir()] == ["model.cuda.so"]  # no temp file left
     data = out.read_bytes()
     assert data[:4] == b"\x7fELF" and int.from_bytes(data[18:20], "little") == 62  # x86-64 host library
@@ -38,6 +39,17 @@ def test_cuda_builds_without_gpu(tmp_path: Path) -> None:
     assert b"__global__" not in data and (cubin := data.find(b"\x7fELF", 1)) > 0
     assert int.from_bytes(data[cubin + 18:cubin + 20], "little") == 190
     assert b"sm_80" in data and b"cubin" in data
+    # ... and the PTX of compute_80, which the driver of a newer GPU (sm_90) JIT-compiles.
+    assert b".target sm_80" in data and b".entry" in data
+    assert report["ptx_version"] == re.search(rb"\.version (\d+\.\d+)", data).group(1).decode()
+
+
+@needs_nvcc
+def test_cuda_arch_preset_reaches_the_device_code(tmp_path: Path) -> None:
+    out = tmp_path / "model.cuda.so"
+    report = build_artifact(conv_gemm_model(), resolve_target("cuda", {"arch": "sm_90"}), out)
+    data = out.read_bytes()
+    assert report["device_code"] == "cubin+ptx" and b".target sm_90" in data and b".target sm_80" not in data
 
 
 def test_cuda_without_nvcc_is_usage_error(monkeypatch, tmp_path: Path) -> None:
