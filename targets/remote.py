@@ -49,25 +49,33 @@ def check_device(tracker: str, key: str, timeout_s: float = 30.0) -> int:
     """UsageError in one line unless the tracker answers within `timeout_s` and knows `key`; returns the
     number of free devices. Asked before tuning on remote devices, so a mistake costs no compile time."""
     host, port = parse_tracker(tracker)
+    found = _with_deadline(lambda: {"devices": _free_devices(host, port, key)}, timeout_s,
+                           UsageError, f"the RPC tracker at {tracker}")
+    return found["devices"]
+
+
+def _with_deadline(work, timeout_s: float, error: type[RewriterError], what: str, late: str = "did not answer") -> dict:
+    """`work()` in a daemon thread (a silent tracker or hung device cannot keep us alive), as one-line
+    errors: our own errors pass through, a timeout or any other failure becomes `error` naming `what`."""
     found: dict = {}
 
-    def work() -> None:
+    def run() -> None:
         try:
-            found["devices"] = _free_devices(host, port, key)
+            found.update(work())
         except Exception as exc:  # noqa: BLE001 - reported below as one line
             found["error"] = exc
 
-    thread = threading.Thread(target=work, daemon=True)  # daemon: a silent tracker cannot keep us alive
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(timeout_s)
     if thread.is_alive():
-        raise UsageError(f"the RPC tracker at {tracker} did not answer within {timeout_s:.0f} s")
-    error = found.get("error")
-    if isinstance(error, RewriterError):
-        raise error
-    if error is not None:
-        raise UsageError(f"the RPC tracker at {tracker} failed: {_first_line(error)}")
-    return found["devices"]
+        raise error(f"{what} {late} within {timeout_s:.0f} s")
+    failure = found.pop("error", None)
+    if isinstance(failure, RewriterError):
+        raise failure
+    if failure is not None:
+        raise error(f"{what} failed: {_first_line(failure)}")
+    return found
 
 
 def _first_line(error: BaseException) -> str:
@@ -97,23 +105,9 @@ def remote_timing(
     """{"ms", "device_key", "tracker", "devices", "first_output"}: the artifact timed on a device from the
     tracker. UsageError for tracker/key problems, ModelError when the device fails or does not answer in time."""
     host, port = parse_tracker(tracker)
-    found: dict = {}
 
-    def work() -> None:
-        try:
-            found["devices"] = _free_devices(host, port, key)
-            found.update(_time_remote(Path(path), inputs, host, port, key))
-        except Exception as exc:  # noqa: BLE001 - reported below as one line
-            found["error"] = exc
+    def work() -> dict:
+        return {"devices": _free_devices(host, port, key), **_time_remote(Path(path), inputs, host, port, key)}
 
-    thread = threading.Thread(target=work, daemon=True)  # daemon: a hung device cannot keep us alive
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        raise ModelError(f"the device {key!r} from {tracker} did not finish timing within {timeout_s:.0f} s")
-    error = found.get("error")
-    if isinstance(error, RewriterError):
-        raise error
-    if error is not None:
-        raise ModelError(f"the device {key!r} from {tracker} failed: {_first_line(error)}")
+    found = _with_deadline(work, timeout_s, ModelError, f"the device {key!r} from {tracker}", "did not finish timing")
     return {**found, "device_key": key, "tracker": tracker}
