@@ -154,10 +154,9 @@ class SvdPass:
 
     def budget_units(self, model: onnx.ModelProto) -> dict[str, list[str]]:
         """The layers this pass may split, for --budget's per-layer choice: label -> the layers it changes."""
-        return {la.label: [la.label] for la in self._layers(model)[0]}
+        return {la.label: [la.label] for la in self._layers(model, GraphView(model))[0]}
 
-    def _layers(self, model: onnx.ModelProto) -> tuple[list[Layer], dict[str, str]]:
-        view = GraphView(model)
+    def _layers(self, model: onnx.ModelProto, view: GraphView) -> tuple[list[Layer], dict[str, str]]:
         layers, skipped = [], {}
         for node in model.graph.node:
             if node.op_type in self.ops:
@@ -171,7 +170,7 @@ class SvdPass:
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         model = copy_model(model)
         view = GraphView(model)
-        layers, skipped = self._layers(model)
+        layers, skipped = self._layers(model, view)
         names = {n.name for n in model.graph.node} | {o for n in model.graph.node for o in n.output}
         missing = sorted(self.skip - names)
         if missing:
