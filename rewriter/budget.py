@@ -201,7 +201,7 @@ def _allocated(base, plan, ctx: PassContext, reference, max_drop, curves, report
         if report["met"]:
             return final, records
         for k in budget:
-            real = base_totals[k] - METRICS[k](final)
+            real = base_totals[k] * (1.0 - report["achieved"][k])  # the saving the run reached
             if real < need[k]:
                 ask[k] = ask[k] * need[k] / max(real, 1e-9 * base_totals[k]) * 1.02
         if all(ask[k] > base_totals[k] for k in ask):

@@ -26,7 +26,7 @@ from .loading import serialize
 from .pass_api import PassContext
 from .progress import log, muted, progress
 
-FORMAT = 3  # bump when what a curve means changes, so old cache entries are not read
+FORMAT = 4  # bump when what a curve means changes, so old cache entries are not read
 # Fit samples each trial cut is fitted on: the curves rank cuts against each other, they need not be the
 # final fit, and a trial per unit and level over every sample would cost the whole rewrite many times over.
 TRIAL_SAMPLES = 64
@@ -56,8 +56,9 @@ def cache_key(model: onnx.ModelProto, pass_name: str, options: Mapping, levels, 
 
 
 def _point(model: onnx.ModelProto, fid: dict) -> dict:
-    return {"drop": float(fid["drop"]), "rel_l2": float(fid["rel_l2"]), "macs": metrics.count_macs(model),
-            "params": metrics.count_params(model), "bytes": metrics.count_bytes(model)}
+    counts = metrics.summarize(model)
+    return {"drop": float(fid["drop"]), "rel_l2": float(fid["rel_l2"]),
+            **{k: counts[k] for k in ("macs", "params", "bytes")}}
 
 
 def measure_curves(rewrite, options: Mapping, model: onnx.ModelProto, ctx: PassContext, reference, check) -> dict:
