@@ -206,3 +206,50 @@ def test_custom_operator_is_named(work, capsys):
     onnx.save(model, work / "inputs" / "custom.onnx")
     code, err = _run(capsys, work / "inputs" / "custom.onnx", "-o", work / "out")
     _assert_clean_failure(work, code, err, 3, "custom operator com.me.MyOp")
+
+
+@pytest.mark.parametrize("samples, words", [(1, "at least 2 samples"), (0, "non-zero number of samples")])
+def test_calibration_with_zero_or_one_sample(work, capsys, samples, words):
+    inputs = work / "inputs"
+    inputs.mkdir()
+    with np.load(CALIB) as data:
+        np.savez(inputs / "c.npz", input=data["input"][:samples])
+    code, err = _run(capsys, MLP, "--calib", inputs / "c.npz", "-o", work / "out")
+    _assert_clean_failure(work, code, err, 2, words)
+
+
+def test_protobuf_declaring_huge_dims_is_one_line(work, capsys):
+    """A 2**40 x 4 initializer declared with no data: refused by the checker, nothing allocated."""
+    inputs = work / "inputs"
+    inputs.mkdir()
+    x, y = (onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1, 4]) for n in ("x", "y"))
+    huge = onnx.TensorProto(name="w", data_type=onnx.TensorProto.FLOAT, dims=[1 << 40, 4])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Add", ["x", "x"], ["y"])], "g", [x], [y], [huge])
+    (inputs / "huge.onnx").write_bytes(onnx.helper.make_model(graph).SerializeToString())
+    code, err = _run(capsys, inputs / "huge.onnx", "-o", work / "out")
+    _assert_clean_failure(work, code, err, 3, "fails the ONNX checker")
+
+
+def test_weights_fed_as_graph_inputs_are_left_alone_with_the_reason(work):
+    model = onnx.load(str(MLP))
+    weight = model.graph.initializer[0]
+    model.graph.input.append(onnx.helper.make_tensor_value_info(weight.name, weight.data_type, list(weight.dims)))
+    del model.graph.initializer[0]
+    shapes = {"input": [1, 1, 8, 8], weight.name: list(weight.dims)}
+    result = rewrite(model, passes=["svd"], input_shapes=shapes, options={"svd": {"data_aware": False}})
+    skipped = result.report["passes"][0]["notes"]["skipped"]
+    assert any("not a constant" in why for why in skipped.values()), skipped
+
+
+def test_sigint_in_the_middle_of_a_pass_writes_nothing(work):
+    cmd = [sys.executable, "-m", "rewriter.cli", str(SAMPLES / "digits_vgg.onnx"), "--passes", "svd",
+           "--calib", str(CALIB), "-o", str(work / "out")]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    err = ""
+    while time.monotonic() < deadline and proc.poll() is None and "pass svd" not in err:
+        err += proc.stderr.readline()  # the pass has started once its line is printed
+    proc.send_signal(signal.SIGINT)
+    err += proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err
+    assert "interrupted; nothing written" in err and list(work.iterdir()) == []
