@@ -169,3 +169,14 @@ def test_failure_removes_the_folders_it_made_for_out_dir(work, capsys, monkeypat
     monkeypatch.setattr(targets, "build_artifact", broken_build)
     code, err = _run(capsys, MLP, "--calib", CALIB, "--target", "x86", "-o", work / "a" / "b" / "out")
     _assert_clean_failure(work, code, err, 3, "simulated")
+
+
+def test_external_data_symlink_leaving_the_folder_is_refused(work, capsys):
+    inputs = work / "inputs"
+    (inputs / "model").mkdir(parents=True)
+    onnx.save(onnx.load(str(MLP)), str(inputs / "model" / "m.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    shutil.move(inputs / "model" / "weights.bin", inputs / "weights.bin")
+    (inputs / "model" / "weights.bin").symlink_to(inputs / "weights.bin")  # the name stays inside, the data not
+    code, err = _run(capsys, inputs / "model" / "m.onnx", "-o", work / "out")
+    _assert_clean_failure(work, code, err, 3, "outside the model's folder")
