@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 from .api import rewrite
 from .canonical import parse_input_shape
-from .errors import RewriterError, Terminated, UsageError, request_stop, stop_requested
+from .errors import RewriterError, Terminated, UsageError, request_stop, stop_requested, stop_signal
 from .inspection import format_table, inspect_model
 from .layouts import parse_output_axis
 from .progress import set_quiet
@@ -163,6 +163,13 @@ def _terminate(signum, frame) -> NoReturn:
     request_stop(signum)
 
 
+def _stopped(signum: int) -> int:
+    """Exit 128 + the signal (130 for Ctrl-C, 143 for SIGTERM), as shells report a killed command."""
+    word = "interrupted" if signum == signal.SIGINT else "terminated"
+    print(f"rewrite: {word}; nothing written", file=sys.stderr)
+    return 128 + int(signum)
+
+
 def _inspect(argv: Sequence[str]) -> int:
     """`rewrite inspect MODEL [--json] [--input-shape NAME=1x3xHxW]`: the layer table, nothing written."""
     p = _Parser(prog="rewrite inspect", description="per-layer table of a model; changes nothing")
@@ -191,18 +198,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_quiet(args.quiet)
     try:
         settings = _merged(args)
-        previous = signal.signal(signal.SIGTERM, _terminate)
+        previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             result = rewrite(args.model, **settings)
         finally:
-            signal.signal(signal.SIGTERM, previous)
-    except Terminated:
-        print("rewrite: terminated; nothing written", file=sys.stderr)
-        return 143
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    except Terminated as exc:
+        return _stopped(exc.signum)
     except Exception as exc:
         if stop_requested():  # the signal came back wrapped in another error
-            print("rewrite: terminated; nothing written", file=sys.stderr)
-            return 143
+            return _stopped(stop_signal())
         if isinstance(exc, RewriterError):
             if args.debug:
                 traceback.print_exc()
@@ -213,8 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rewrite: internal error: {type(exc).__name__}: {exc} (rerun with --debug)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("rewrite: interrupted; nothing written", file=sys.stderr)
-        return 130
+        return _stopped(signal.SIGINT)
     print(result.out_dir)
     return 0
 

@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .errors import UsageError, check_stop
+from .errors import UsageError, check_stop, stop_deferred
 from .progress import log
 
 
@@ -37,17 +37,21 @@ def staged_dir(out_dir: Path, force: bool) -> Iterator[Path]:
     """Yield a staging folder beside OUT_DIR; on success swap it in, on failure delete it."""
     check_out_dir(out_dir, force)
     created = [p for p in reversed(out_dir.absolute().parents) if not p.exists()]
+    stage: Path | None = None
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    except OSError as exc:
-        raise UsageError(f"output directory {out_dir} cannot be made: {exc.strerror or exc}") from exc
-    try:
+        with stop_deferred():  # a signal between mkdir and knowing the stage's name would leave them behind
+            try:
+                out_dir.parent.mkdir(parents=True, exist_ok=True)
+                stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+            except OSError as exc:
+                raise UsageError(f"output directory {out_dir} cannot be made: {exc.strerror or exc}") from exc
+        check_stop()
         yield stage
         check_stop()  # a signal swallowed on the way (a build fallback) still writes nothing
         _swap_in(stage, out_dir, force)
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
         for parent in reversed(created):  # folders made for OUT_DIR go too, deepest first
             with contextlib.suppress(OSError):
                 parent.rmdir()
@@ -59,8 +63,9 @@ def _swap_in(stage: Path, out_dir: Path, force: bool) -> None:
     os.chmod(stage, 0o755)
     parent = os.open(out_dir.parent, os.O_RDONLY)
     try:
-        fcntl.flock(parent, fcntl.LOCK_EX)
-        _swap_locked(stage, out_dir, force)
+        with stop_deferred():  # never stop half-way through a --force swap; once swapped in, the run is done
+            fcntl.flock(parent, fcntl.LOCK_EX)
+            _swap_locked(stage, out_dir, force)
     finally:
         os.close(parent)  # closing releases the lock
 

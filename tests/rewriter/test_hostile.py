@@ -3,6 +3,7 @@ races, signals, exit 1 where 2 or 3 is due)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -151,6 +152,44 @@ def test_sigterm_leaves_nothing_behind(work):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert not (work / "a").exists(), list(work.rglob("*"))
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_signal_while_the_output_folders_are_made_or_swapped_leaves_no_half_state(work, monkeypatch, force):
+    """The window CI hit: SIGTERM right after the parents exist, before the stage's name is known; and a
+    signal in the middle of a --force swap, which must not leave the old output moved aside."""
+    from rewriter import errors, output
+    from rewriter.errors import Terminated, request_stop
+
+    out = work / "a" / "b" / "out"
+    if force:
+        out.mkdir(parents=True)
+        (out / "old.txt").write_text("kept")
+    real = output.os.replace if force else output.tempfile.mkdtemp
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == (2 if force else 1):  # --force: between moving the old output aside and the new in
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered at once unless the caller holds it
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(output.os if force else output.tempfile, "replace" if force else "mkdtemp", interrupted)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: request_stop(signum))
+    try:
+        # once the swap is under way the run completes; the signal is remembered, not lost
+        with contextlib.nullcontext() if force else pytest.raises(Terminated):
+            with output.staged_dir(out, force=force) as stage:
+                (stage / "new.txt").write_text("new")
+        assert errors.stop_requested()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        errors._STOP_REQUESTED.clear()  # this process goes on running other tests
+    if force:  # the swap finished as one step: the new output is whole, nothing is left aside
+        assert sorted(p.name for p in (work / "a" / "b").iterdir()) == ["out"]
+        assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    else:
+        assert not (work / "a").exists(), list(work.rglob("*"))
 
 
 def test_concurrent_runs_do_not_both_claim_the_same_out_dir(work):
