@@ -5,6 +5,7 @@ k-means codebook quantisation at the same bits per weight.
     python benchmarks/pq_binary_results.py            # the digits ResNet sample
     python benchmarks/pq_binary_results.py --real     # also YOLOv8n, MobileNetV3, DBNet
     python benchmarks/pq_binary_results.py --real --samples 24 --build   # fewer samples; x86 library sizes
+    python benchmarks/pq_binary_results.py --real --only yolov8n,dbnet --configs pq --samples 16
 
 onnxsim's `quantize_weight_only_kmeans` is fixed at 4 bits and touches only MatMul/Gemm weights (these models
 are convolutional), so the baseline row runs its own per-layer scalar k-means routine (Deep Compression's
@@ -32,7 +33,7 @@ from rewriter.canonical import canonicalize, resolve_input_shapes
 from rewriter.loading import load_model
 from rewriter.pipeline import Reference
 
-CONFIGS = [("pq", {}), ("binary", {}), ("binary", {"bases": 3})]
+CONFIGS = {"pq": ("pq", {}), "binary": ("binary", {}), "binary3": ("binary", {"bases": 3})}
 
 
 def _fmt(fid: dict, key: str) -> str:
@@ -109,7 +110,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=None, help="use the first N calibration samples")
     parser.add_argument("--build", action="store_true", help="also build the x86 library and report its size")
     parser.add_argument("--only", default="", help="comma-separated model names to run")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
     args = parser.parse_args()
+    configs = [CONFIGS[c] for c in args.configs.split(",")]
     models = {"digits_resnet": (SAMPLES / "digits_resnet.onnx", SAMPLES / "digits_calib.npz")}
     if args.real:
         models.update(real_models())
@@ -121,12 +124,13 @@ def main() -> None:
         for name, (path, calib) in models.items():
             calib = _subset(calib, None if name.startswith("digits") else args.samples, folder)
             pq_bits = None
-            for pass_name, options in CONFIGS:
+            for pass_name, options in configs:
                 row, bits = _ours(name, path, calib, pass_name, options, args.build, folder)
                 rows.append(row)
                 pq_bits = bits if pass_name == "pq" else pq_bits
-            rows.append(_onnxsim_kmeans(name, path, calib, pq_bits))
-            print(table(HEADER, rows[-len(CONFIGS) - 1 :]), flush=True)
+            if pq_bits is not None:  # the peer runs at the pq row's bits
+                rows.append(_onnxsim_kmeans(name, path, calib, pq_bits))
+            print(table(HEADER, rows[-len(configs) - 1 :]), flush=True)
     print()
     print(table(HEADER, rows))
 

@@ -3,6 +3,7 @@
     python benchmarks/targets_results.py                                  # digits_resnet, mobilenetv3_cls; 64 trials
     python benchmarks/targets_results.py --models yolov8n --trials 0      # sample or real-model names; 0: no tuning
     python benchmarks/targets_results.py --models yolov8n --profile       # also the per-kernel latency table
+    python benchmarks/targets_results.py --models yolov8n --trials 0 --prune 0.3   # + the pruned model's rows
 
 Variants: `before` = the plain zero pipeline with no schedules (TVM 0.27's untuned CPU build, what
 targets/ did before the rules), `rules` = the untuned build (blocked layout and rule schedules),
@@ -10,6 +11,10 @@ targets/ did before the rules), `rules` = the untuned build (blocked layout and 
 child process (tuning never overlaps timing, and its leftover threads must not share the 2 cores);
 then ORT and the artifacts are timed in alternating rounds in this one process, and the medians are
 reported (2 threads each), each also as a ratio to onnxruntime's median from the same rounds.
+
+With --prune R a second row per model holds the model pruned at prune.ratio=R (its calibration data, the CLI's
+defaults): its ratios are to onnxruntime on the *original* model, timed in the same rounds, which is what a
+user who swaps the original for the compiled pruned model gains.
 """
 
 from __future__ import annotations
@@ -142,17 +147,35 @@ def _static_model(path: Path, calib: Path):
 VARIANTS = ("before", "rules", "tuned")
 
 
-def _row(name: str, path: Path, calib: Path, trials: int, work: Path, rounds: int, profile: bool) -> list:
+def _pruned_model(path: Path, calib: Path, ratio: float):
+    from rewriter import rewrite
+
+    pruned = rewrite(str(path), passes=["prune"], calib=str(calib), options={"prune": {"ratio": ratio}}).model
+    with np.load(calib) as data:  # rewrite keeps the user's dynamic batch: fix it to 1 as the builds do
+        shapes = {v.name: [1, *data[v.name].shape[1:]] for v in pruned.graph.input if v.name in data.files}
+    from rewriter.canonical import canonicalize
+
+    return canonicalize(pruned, shapes)
+
+
+def _row(name: str, path: Path, calib: Path, trials: int, work: Path, rounds: int, profile: bool,
+         prune: float | None = None) -> list:
     import onnxruntime as ort
 
     _log(f"[{name}] canonicalising")
-    model = _static_model(path, calib)
+    original = _static_model(path, calib)
+    model = original
+    if prune is not None:
+        _log(f"[{name}] pruning at ratio {prune}")
+        model = _pruned_model(path, calib, prune)
+        name = f"{name} pruned {prune} ({count_macs(model) / count_macs(original):.2f} MACs)"
     names, inputs = _inputs(model, calib)
     feed = dict(zip(names, inputs, strict=True))
-    blob = serialize(model)
-    reference = [r.astype(np.float64) for r in ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
-                 .run(None, feed)]
-    artifacts: dict[str, Path | None] = {kind: work / f"{name}.{kind}.so" for kind in VARIANTS}
+    blob = serialize(original)  # ORT times the original: a pruned row's ratios are to the model it replaces
+    session = ort.InferenceSession(serialize(model), providers=["CPUExecutionProvider"])
+    reference = [r.astype(np.float64) for r in session.run(None, feed)]
+    stem = name.split(" ")[0] + (f".pruned{prune}" if prune is not None else "")
+    artifacts: dict[str, Path | None] = {kind: work / f"{stem}.{kind}.so" for kind in VARIANTS}
     builders = {"before": (_build_before, 0), "rules": (_build, 0), "tuned": (_build, trials)}
     seconds, notes = {}, {}
     for kind in VARIANTS:
@@ -160,7 +183,7 @@ def _row(name: str, path: Path, calib: Path, trials: int, work: Path, rounds: in
         if kind == "tuned" and trials == 0:
             artifacts[kind], notes[kind] = None, "–"
             continue
-        db = str(work / f"{name}.db") if trial_count else None
+        db = str(work / f"{stem}.db") if trial_count else None
         _log(f"[{name}] building {kind}")
         try:  # build in a child process: its leftover threads must not share the cores with the timing below
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -217,6 +240,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (median reported)")
     parser.add_argument("--keep", help="keep the artifacts and tuning databases in this folder")
     parser.add_argument("--profile", action="store_true", help="print each model's slowest kernels (rules build)")
+    parser.add_argument("--prune", type=float,
+                        help="also each model pruned at this prune.ratio, timed against ORT on the original")
     args = parser.parse_args()
     import tvm
 
@@ -227,7 +252,9 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         for name, (path, calib) in _model_paths([m.strip() for m in args.models.split(",") if m.strip()]).items():
             rows.append(_row(name, path, calib, args.trials, work, args.rounds, args.profile))
-    header = ["model", "MACs", "ORT ms", "TVM before rules ms (×ORT)", "TVM rules, untuned ms (×ORT)",
+            if args.prune is not None:
+                rows.append(_row(name, path, calib, args.trials, work, args.rounds, False, args.prune))
+    header = ["model", "MACs", "ORT ms (original model)", "TVM before rules ms (×ORT)", "TVM rules, untuned ms (×ORT)",
               f"TVM tuned from rules, {args.trials} trials ms (×ORT)", "tuning min",
               "max \\|TVM − ORT\\| (rules / tuned)"]
     print(table(header, rows))
