@@ -12,14 +12,15 @@ SAMPLE_NAMES = ["digits_vgg", "digits_resnet", "digits_mobilenet", "digits_mlp"]
 sys.path.insert(0, str(SAMPLES))
 
 
-def real_models() -> dict[str, tuple[Path, Path]]:
-    """{name: (model, calibration)} for the pretrained models, fetched into the cache if needed."""
+def real_models(samples: int | None = None, calib_dir: Path | None = None) -> dict[str, tuple[Path, Path]]:
+    """{name: (model, calibration)} for the pretrained models, fetched into the cache if needed; with `samples`,
+    calibration sets of that size are made in `calib_dir` instead of the cached default sizes."""
     from fetch_real_models import build_calibration, default_cache, fetch_models
 
     cache = default_cache()
     with contextlib.redirect_stdout(sys.stderr):  # the fetch log must not mix into the tables
         models = fetch_models(cache)
-        calibs = build_calibration(cache)
+        calibs = build_calibration(calib_dir or cache, samples) if samples else build_calibration(cache)
     return {name: (models[name], calibs[name]) for name in ("mobilenetv3_cls", "dbnet", "yolov8n")}
 
 

@@ -3,6 +3,7 @@
     python benchmarks/prune_results.py                 # the digits samples
     python benchmarks/prune_results.py --real          # also YOLOv8n, MobileNetV3, DBNet
     python benchmarks/prune_results.py --models yolov8n --no-peer
+    python benchmarks/prune_results.py --models mobilenetv3_cls --samples 256   # a larger calibration set
 
 Rows: MACs and params relative to the canonical model, onnxruntime latency before/after (full graph optimisation,
 2 threads, the two models timed in alternating blocks, fastest block each), and fidelity on the same held-out
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,10 +45,10 @@ CONFIGS = {  # model -> prune options and budget
 PEER_CALIB_SAMPLES = 16
 
 
-def _models(real: bool, only: list[str] | None) -> dict[str, tuple[Path, Path]]:
+def _models(real: bool, only: list[str] | None, samples: int | None, folder: Path) -> dict[str, tuple[Path, Path]]:
     found = {n: (SAMPLES / f"{n}.onnx", SAMPLES / "digits_calib.npz") for n in CONFIGS if n.startswith("digits")}
     if real or (only and any(not n.startswith("digits") for n in only)):
-        found.update(real_models())
+        found.update(real_models(samples, folder))
     return {n: v for n, v in found.items() if not only or n in only}
 
 
@@ -160,12 +162,14 @@ def main() -> None:
     parser.add_argument("--models", default="", help="comma-separated subset of " + ", ".join(CONFIGS))
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--samples", type=int, help="real models: calibration sets of N images (25 %% held out)")
     args = parser.parse_args()
     only = [m for m in args.models.split(",") if m] or None
     rows = []
-    for name, (path, calib) in _models(args.real, only).items():
-        rows.extend(_rows(name, path, calib, not args.no_peer, not args.no_timing))
-        print(table(HEADER, rows[-3:]), flush=True)  # progress: each model as soon as it is done
+    with tempfile.TemporaryDirectory(prefix="prune-bench-") as folder:
+        for name, (path, calib) in _models(args.real, only, args.samples, Path(folder)).items():
+            rows.extend(_rows(name, path, calib, not args.no_peer, not args.no_timing))
+            print(table(HEADER, rows[-3:]), flush=True)  # progress: each model as soon as it is done
     print("\n" + table(HEADER, rows))
 
 

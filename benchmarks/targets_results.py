@@ -147,10 +147,11 @@ def _static_model(path: Path, calib: Path):
 VARIANTS = ("before", "rules", "tuned")
 
 
-def _pruned_model(path: Path, calib: Path, ratio: float):
+def _pruned_model(path: Path, calib: Path, ratio: float, round_to: int):
     from rewriter import rewrite
 
-    pruned = rewrite(str(path), passes=["prune"], calib=str(calib), options={"prune": {"ratio": ratio}}).model
+    options = {"prune": {"ratio": ratio, "round_to": round_to}}
+    pruned = rewrite(str(path), passes=["prune"], calib=str(calib), options=options).model
     with np.load(calib) as data:  # rewrite keeps the user's dynamic batch: fix it to 1 as the builds do
         shapes = {v.name: [1, *data[v.name].shape[1:]] for v in pruned.graph.input if v.name in data.files}
     from rewriter.canonical import canonicalize
@@ -159,7 +160,7 @@ def _pruned_model(path: Path, calib: Path, ratio: float):
 
 
 def _row(name: str, path: Path, calib: Path, trials: int, work: Path, rounds: int, profile: bool,
-         prune: float | None = None) -> list:
+         prune: float | None = None, round_to: int = 1) -> list:
     import onnxruntime as ort
 
     _log(f"[{name}] canonicalising")
@@ -167,14 +168,14 @@ def _row(name: str, path: Path, calib: Path, trials: int, work: Path, rounds: in
     model = original
     if prune is not None:
         _log(f"[{name}] pruning at ratio {prune}")
-        model = _pruned_model(path, calib, prune)
-        name = f"{name} pruned {prune} ({count_macs(model) / count_macs(original):.2f} MACs)"
+        model = _pruned_model(path, calib, prune, round_to)
+        name = f"{name} pruned {prune}, round_to {round_to} ({count_macs(model) / count_macs(original):.2f} MACs)"
     names, inputs = _inputs(model, calib)
     feed = dict(zip(names, inputs, strict=True))
     blob = serialize(original)  # ORT times the original: a pruned row's ratios are to the model it replaces
     session = ort.InferenceSession(serialize(model), providers=["CPUExecutionProvider"])
     reference = [r.astype(np.float64) for r in session.run(None, feed)]
-    stem = name.split(" ")[0] + (f".pruned{prune}" if prune is not None else "")
+    stem = name.split(" ")[0] + (f".pruned{prune}r{round_to}" if prune is not None else "")
     artifacts: dict[str, Path | None] = {kind: work / f"{stem}.{kind}.so" for kind in VARIANTS}
     builders = {"before": (_build_before, 0), "rules": (_build, 0), "tuned": (_build, trials)}
     seconds, notes = {}, {}
@@ -242,6 +243,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print each model's slowest kernels (rules build)")
     parser.add_argument("--prune", type=float,
                         help="also each model pruned at this prune.ratio, timed against ORT on the original")
+    parser.add_argument("--round-to", type=int, nargs="+", default=[1], help="prune.round_to values for --prune")
     args = parser.parse_args()
     import tvm
 
@@ -253,7 +255,8 @@ def main() -> None:
         for name, (path, calib) in _model_paths([m.strip() for m in args.models.split(",") if m.strip()]).items():
             rows.append(_row(name, path, calib, args.trials, work, args.rounds, args.profile))
             if args.prune is not None:
-                rows.append(_row(name, path, calib, args.trials, work, args.rounds, False, args.prune))
+                for round_to in args.round_to:
+                    rows.append(_row(name, path, calib, args.trials, work, args.rounds, False, args.prune, round_to))
     header = ["model", "MACs", "ORT ms (original model)", "TVM before rules ms (×ORT)", "TVM rules, untuned ms (×ORT)",
               f"TVM tuned from rules, {args.trials} trials ms (×ORT)", "tuning min",
               "max \\|TVM − ORT\\| (rules / tuned)"]

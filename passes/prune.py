@@ -56,7 +56,7 @@ class PrunePass:
         refit: bool = True,
         skip: str = "",
         min_channels: int = 1,
-        round_to: int = 1,
+        round_to: int = 0,
         positions: int = 16,
         blocks: int = 0,
     ) -> None:
@@ -64,14 +64,16 @@ class PrunePass:
             raise ValueError(f"ratio must be in [0, 1), got {ratio}")
         if criterion not in ("lasso", "l1"):
             raise ValueError(f"criterion must be 'lasso' or 'l1', got {criterion!r}")
-        if min_channels < 1 or round_to < 1 or positions < 1 or blocks < 0:
-            raise ValueError("min_channels, round_to and positions must be at least 1, blocks at least 0")
+        if min_channels < 1 or round_to < 0 or positions < 1 or blocks < 0:
+            raise ValueError("min_channels and positions must be at least 1, round_to and blocks at least 0")
         self.ratio, self.criterion, self.refit = ratio, criterion, refit
         self.min_channels, self.round_to, self.positions = min_channels, round_to, positions
+        self.multiple = round_to or 1  # round_to=0: the build target's channel multiple, set by run()
         self.skip = {name.strip() for name in skip.split(",") if name.strip()}
         self.blocks = blocks
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        self.multiple = self.round_to or ctx.channel_multiple
         dropped: dict = {}
         if self.blocks:
             model, dropped = self._drop_blocks(model, ctx)
@@ -133,7 +135,8 @@ class PrunePass:
         refits = self._refit(model, pruned, cg, removed, consumers, ctx) if self.refit else {}
         drop_unused_initializers(pruned)  # the refits replaced the sliced weights
         notes = {"ratio": ratio if allocation is None else "per group (--budget)", "criterion": self.criterion,
-                 "refit": self.refit, "channels_removed": len(removed), "groups": records, "refits": refits}
+                 "refit": self.refit, "round_to": self.multiple, "channels_removed": len(removed), "groups": records,
+                 "refits": refits}
         return PassResult(pruned, changed, notes)
 
     def _drop_blocks(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict]:
@@ -175,8 +178,8 @@ class PrunePass:
 
     def _keep(self, size: int, ratio: float) -> int:
         keep = size - int(round(ratio * size))
-        if self.round_to > 1:
-            keep = max(self.round_to, int(round(keep / self.round_to)) * self.round_to)
+        if self.multiple > 1:
+            keep = max(self.multiple, int(round(keep / self.multiple)) * self.multiple)
         return min(size, max(keep, self.min_channels))
 
     def _consumers(self, cg: ChannelGraph, groups: list[ChannelGroup]) -> dict[str, Consumer]:

@@ -29,6 +29,9 @@ class PassContext:
     # The model before any pass (canonical form), for passes that fit against it (distill's teacher);
     # None when a pass runs on its own, where the model it receives is the original.
     teacher: onnx.ModelProto | None = None
+    # Channel counts the build target's kernels vectorise over whole (8 float32 lanes for the x86/arm blocked
+    # layout, see targets/schedules.py; 1 without a target): structural passes round kept counts to it.
+    channel_multiple: int = 1
 
     def require_data(self, pass_name: str, why: str) -> Calibration:
         if self.fit is None:

@@ -44,8 +44,8 @@ def cache_dir() -> Path:
 def cache_key(model: onnx.ModelProto, pass_name: str, options: Mapping, levels, ctx: PassContext, reference) -> str:
     digest = hashlib.sha256()
     digest.update(serialize(model))
-    digest.update(json.dumps([FORMAT, pass_name, dict(options), list(levels), ctx.seed], sort_keys=True,
-                             default=str).encode())
+    settings = [FORMAT, pass_name, dict(options), list(levels), ctx.seed, ctx.channel_multiple]
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for data in (ctx.fit, reference.held):
         for name in sorted(data.inputs):
             digest.update(name.encode())

@@ -150,6 +150,27 @@ def test_mobilenet_squeeze_excite_and_depthwise_groups_pruned():
     assert report["fidelity"]["top1_agreement"] > 0.8
 
 
+def test_a_build_target_rounds_kept_channels_to_its_vector_block():
+    """With --target x86/arm/cuda kept counts are whole 8-channel blocks (odd counts leave every conv on TVM's slow
+    NCHW path); without a target, or with prune.round_to given, the counts are the ratio's own."""
+    def sizes(**kwargs):
+        report = _digits_run("vgg", calib=_subset(160), **kwargs)
+        notes = report["passes"][0]["notes"]
+        pruned = [g["size_after"] for g in notes["groups"].values() if g.get("size_after", 0) < g["size_before"]]
+        return notes["round_to"], pruned
+
+    multiple, pruned = sizes(target="x86", options={"prune": {"ratio": 0.3}})
+    assert multiple == 8 and pruned and all(k % 8 == 0 for k in pruned)
+    for kwargs in ({}, {"target": "x86", "options": {"prune": {"ratio": 0.3, "round_to": 1}}}):
+        kwargs.setdefault("options", {"prune": {"ratio": 0.3}})
+        multiple, pruned = sizes(**kwargs)
+        assert multiple == 1 and any(k % 8 for k in pruned)
+
+
+def _digits_run(name: str, calib, **kwargs) -> dict:
+    return rewrite(SAMPLES / f"digits_{name}.onnx", passes=["prune"], calib=calib, **kwargs).report
+
+
 def test_budget_chooses_a_ratio_per_group(tmp_path, monkeypatch):
     monkeypatch.setenv("REWRITER_CACHE", str(tmp_path))
     result = rewrite(SAMPLES / "digits_vgg.onnx", passes=["prune"], calib=_subset(160), budget={"macs": 0.4})

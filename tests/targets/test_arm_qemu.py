@@ -62,3 +62,29 @@ def test_arm_library_matches_onnxruntime_under_qemu(arm64, tmp_path: Path) -> No
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5,
                                err_msg=f"arm under qemu vs onnxruntime: max abs {max_abs:.3g}, rel {max_rel:.3g}")
     assert agree == HELD_OUT, f"top-1 agrees on {agree}/{HELD_OUT} held-out samples"
+
+
+
+def test_arm_library_keeps_early_exits_under_qemu(arm64, tmp_path: Path) -> None:
+    """The exit pass's If nodes survive the arm build: samples that leave early and samples that run the whole
+    network both give onnxruntime's answer from the aarch64 library."""
+    from rewriter.passes._exit_graph import probe_model
+    from tests.helpers import run_ort
+
+    with np.load(CALIB) as data:
+        inputs, labels = data["input"], data["labels"]
+    unseen = 4 * HELD_OUT
+    calib = {"input": inputs[:-unseen], "labels": labels[:-unseen]}
+    held_out = np.ascontiguousarray(inputs[-unseen:], dtype=np.float32)
+
+    result = rewrite(SAMPLES / "digits_resnet.onnx", passes=["exit"], target="arm", calib=calib,
+                     out_dir=tmp_path / "out")
+    library, model = Path(result.artifacts["library"]), Path(result.artifacts["model"])
+    probe, _ = probe_model(result.model)
+    exits = len(result.report["passes"][0]["notes"]["exits"])
+    taken = [next((k for k, c in enumerate(run_ort(probe, {"input": x[None]})) if bool(c)), exits)
+             for x in held_out]
+    assert 0 in taken and exits in taken, taken  # some leave at the first exit, some run the whole network
+
+    got = arm64.run(library, held_out)
+    np.testing.assert_allclose(got, onnxruntime_outputs(model, held_out), rtol=1e-4, atol=1e-5)
