@@ -129,22 +129,22 @@ def _excess_nodes(
         scale = b.const(p + "entropy_scale", np.full((classes, 1), 1.0 / np.log(classes), b.dtype))
         neg = b.node(out, "MatMul", [plogp, scale], p + "neg_entropy")
         return b.node(out, "Add", [neg, b.const(p + "offset", np.array(1.0 - threshold, b.dtype))], p + "excess")
-    k = 1 if criterion == "max_prob" else 2
-    if b.opset >= 10:
-        top = b.node(out, "TopK", [prob, b.const(p + "k", np.array([k], np.int64))], p + "top", axis=1)
-    else:
-        top = b.node(out, "TopK", [prob], p + "top", axis=1, k=k)
-    signs = np.array([[1.0]] if k == 1 else [[1.0], [-1.0]], b.dtype)  # top-1, or top-1 minus top-2
-    return b.node(out, "Gemm", [top, b.const(p + "signs", signs), b.const(p + "offset", np.array([-threshold],
-                                                                                                b.dtype))],
-                  p + "excess")
+    # No TopK: TVM lowers it to an extern call (tvm.contrib.sort.topk) that a device's runtime-only TVM lacks.
+    top1 = _row_max(b, out, prob, p + "top1")
+    if criterion == "margin":  # the runner-up: the row's maximum with the first argmax position masked out
+        first = b.node(out, "ArgMax", [prob], p + "argmax", axis=1, keepdims=1)
+        positions = b.const(p + "positions", np.arange(classes, dtype=np.int64)[None, :])
+        at_first = b.node(out, "Equal", [positions, first], p + "at_argmax")
+        rest = b.node(out, "Where", [at_first, b.const(p + "below", np.array(-1.0, b.dtype)), prob], p + "rest")
+        top1 = b.node(out, "Sub", [top1, _row_max(b, out, rest, p + "top2")], p + "margin")
+    return b.node(out, "Add", [top1, b.const(p + "offset", np.array(-threshold, b.dtype))], p + "excess")
 
 
-def _fix_topk(nodes: list[onnx.NodeProto], names: _Names) -> None:
-    """TopK has two outputs (values, indices); give each TopK its unused indices output."""
-    for node in nodes:
-        if node.op_type == "TopK" and len(node.output) == 1:
-            node.output.append(names(node.output[0] + "_indices"))
+def _row_max(b: _Builder, out: list, x: str, base: str) -> str:
+    """(N, 1) maximum over axis 1 (ReduceMax takes its axes as an input from opset 18)."""
+    if b.opset >= 18:
+        return b.node(out, "ReduceMax", [x, b.const(base + "_axes", np.array([1], np.int64))], base, keepdims=1)
+    return b.node(out, "ReduceMax", [x], base, axes=[1], keepdims=1)
 
 
 def _branch(nodes: list[onnx.NodeProto], output: str, name: str, dtype: int) -> onnx.GraphProto:
@@ -189,7 +189,6 @@ def build_exit_model(
         scope.append(helper.make_node("If", [head["cond"]], [answer_name], name=b.names(f"exit{k}/if"),
                                       then_branch=then_graph, else_branch=else_graph))
         inner = scope
-    _fix_all_topk(inner, b.names)
     new = onnx.ModelProto()
     new.CopyFrom(model)
     new.graph.ClearField("node")
@@ -197,14 +196,6 @@ def build_exit_model(
     new.graph.initializer.extend(b.initializers)
     new.graph.ClearField("value_info")
     return new
-
-
-def _fix_all_topk(nodes: list[onnx.NodeProto], names: _Names) -> None:
-    _fix_topk(nodes, names)
-    for node in nodes:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                _fix_all_topk(list(attr.g.node), names)
 
 
 def exit_conditions(model: onnx.ModelProto) -> list[str]:

@@ -209,3 +209,28 @@ def test_bad_options_are_usage_errors():
     for options in ({"criterion": "vibes"}, {"head": "forest"}, {"agreement": "1.5"}, {"folds": "1"}):
         with pytest.raises(UsageError):
             make_pass("exit", options)
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+@pytest.mark.parametrize("criterion", ["max_prob", "margin", "entropy"])
+def test_graph_confidence_is_the_fitted_formula(criterion, opset):
+    """The If condition's score is what the thresholds were chosen on (ties included), built from ops every
+    TVM runtime has (no TopK: it lowers to an extern sort the aarch64 runtime lacks)."""
+    from onnx import TensorProto, helper
+
+    from rewriter.passes._exit_graph import Answer, _Builder, _excess_nodes
+    from rewriter.passes._exit_heads import confidence
+
+    x = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 5])
+    empty = helper.make_model(helper.make_graph([], "g", [x], []), opset_imports=[helper.make_opsetid("", opset)])
+    b = _Builder(empty, Answer(None, TensorProto.FLOAT))
+    nodes: list = []
+    excess = _excess_nodes(b, "e/", "logits", criterion, 5, 0.25, nodes)
+    graph = helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info(excess, TensorProto.FLOAT, None)],
+                              b.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    assert not any(n.op_type == "TopK" for n in model.graph.node)
+    logits = np.random.default_rng(0).normal(size=(64, 5)).astype(np.float32)
+    logits[:8, :2] = 3.0  # ties for first place: the margin is 0
+    got = run_ort(model, {"logits": logits})[0][:, 0]
+    np.testing.assert_allclose(got, confidence(logits, criterion) - 0.25, atol=1e-6)
