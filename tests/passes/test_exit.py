@@ -110,6 +110,27 @@ def test_exit_composes_after_another_pass():
     assert result.report["fidelity"]["top1_agreement"] >= 0.95
 
 
+def _at_batch_1(model: onnx.ModelProto) -> onnx.ModelProto:
+    static = onnx.ModelProto()
+    static.CopyFrom(model)
+    for info in (static.graph.input[0], static.graph.output[0]):
+        info.type.tensor_type.shape.dim[0].dim_value = 1  # libraries are built at batch 1
+    return static
+
+
+@pytest.mark.slow
+def test_cuda_library_of_an_exit_model_builds_with_its_branches(resnet_exit, tmp_path):
+    """No GPU here: the cuda build (host VM with both branches, device kernels as cubin) must at least succeed."""
+    pytest.importorskip("tvm")
+    from rewriter.targets import build_artifact, resolve_target
+    from tests.targets.test_cuda import needs_nvcc
+
+    if needs_nvcc.args[0]:
+        pytest.skip(needs_nvcc.kwargs["reason"])
+    report = build_artifact(_at_batch_1(resnet_exit.model), resolve_target("cuda"), tmp_path / "model.cuda.so")
+    assert report["device_code"] == "cubin+ptx" and (tmp_path / "model.cuda.so").stat().st_size > 0
+
+
 def test_x86_library_keeps_control_flow_and_matches_onnxruntime(resnet_exit, tmp_path):
     pytest.importorskip("tvm")
     from tvm import relax, runtime
@@ -117,10 +138,7 @@ def test_x86_library_keeps_control_flow_and_matches_onnxruntime(resnet_exit, tmp
     from rewriter.targets import build_artifact, resolve_target
     from rewriter.targets.lower import import_onnx
 
-    static = onnx.ModelProto()
-    static.CopyFrom(resnet_exit.model)
-    for info in (static.graph.input[0], static.graph.output[0]):
-        info.type.tensor_type.shape.dim[0].dim_value = 1  # the library is built at batch 1
+    static = _at_batch_1(resnet_exit.model)
     library = tmp_path / "model.x86.so"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
