@@ -135,7 +135,8 @@ def _rows(name: str, path: Path, calib: Path, peer: bool, timing: bool) -> list[
         feed = {k: data[k][:1] for k in data.files if k != "labels"}
     notes = report["passes"][0]["notes"]
     label = ", ".join(f"{k}={v}" for k, v in options.items())
-    label = label or f"budget macs={budget['macs']} → ratio {notes['ratio']:.3f}"
+    chosen = notes["ratio"] if isinstance(notes["ratio"], str) else f"ratio {notes['ratio']:.3f}"
+    label = label or f"budget macs={budget['macs']} → {chosen}"
 
     def row(method: str, setting: str, model: onnx.ModelProto, fid: dict, secs: str) -> list:
         latency = "–"

@@ -20,6 +20,7 @@ from rewriter.canonical import graph_inputs
 from rewriter.errors import ModelError, RewriterError, UsageError
 from rewriter.targets import control_flow, cuda_offline, lift, recurrent, tuning
 from rewriter.targets.presets import TargetSpec, describe, export_compiler, make_tvm_target, one_line
+from rewriter.targets.scalars import scalar_constants
 
 Log = Callable[[str], None]
 
@@ -125,6 +126,7 @@ def import_onnx(model: onnx.ModelProto) -> Any:
     from tvm.relax.frontend.onnx import from_onnx
 
     shapes, dtypes = static_inputs(model)
+    model = scalar_constants(model)  # so that the blocked CPU layout passes through per-tensor scales
     if recurrent.has_recurrent(model):  # TVM's importer has no LSTM/GRU: unroll them over the static sequence
         model = recurrent.unroll_recurrent(model)
     if control_flow.has_control_flow(model):  # If nodes stay relax.If, around segments that fuse on their own

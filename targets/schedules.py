@@ -43,6 +43,8 @@ def layout_pipeline(target: Any) -> Any:
     return tvm.transform.Sequential(
         [
             relax.transform.DecomposeOpsForInference(),  # batch_norm -> scale and shift the layout pass can carry
+            relax.transform.FoldConstant(),  # the importer's Clip bounds, where(isnan(c), inf, c), become scalars
+            clip_to_min_max(),
             split_to_slices(),
             blocked_layout(block),
             relax.transform.LegalizeOps(conv_compute.legalize_map(), enable_warning=False),
@@ -189,6 +191,66 @@ def split_to_slices() -> Any:
         return rewriter.builder_.get()
 
     return run
+
+
+def clip_to_min_max() -> Any:
+    """Rewrite clips by constant bounds as maximum then minimum with scalar constants.
+
+    ConvertLayout has no layout rule for `relax.clip` (HardSwish, HardSigmoid) nor for the opaque
+    maximum/minimum kernels the ONNX importer emits for `Clip`: each one sent its feature map back to
+    NCHW and forth again (DBNet: a quarter of its time in layout transforms). `relax.maximum` and
+    `relax.minimum` with a scalar are element-wise ops the blocked layout passes through.
+    """
+    import tvm
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class _Rewriter(relax.PyExprMutator):
+        def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
+            call = super().visit_call_(call)
+            if not isinstance(call.op, tvm.ir.Op):
+                return call
+            if call.op.name == "relax.clip":
+                data, dtype = call.args[0], call.args[0].ty.dtype
+                low, high = (float(getattr(bound, "value", bound)) for bound in call.args[1:3])
+                return relax.op.minimum(relax.op.maximum(data, relax.const(low, dtype)), relax.const(high, dtype))
+            bound = _imported_bound(call)
+            if bound is None:
+                return call
+            kind, data, scalar = bound
+            return (relax.op.maximum if kind == "maximum" else relax.op.minimum)(data, scalar)
+
+    @tvm.transform.module_pass(opt_level=0, name="RewriterClipToMinMax")
+    def run(mod: Any, _ctx: Any) -> Any:
+        rewriter = _Rewriter(mod)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+        return relax.transform.DeadCodeElimination()(rewriter.builder_.get())  # the replaced kernels go
+
+    return run
+
+
+def _imported_bound(call: Any) -> tuple[str, Any, Any] | None:
+    """('maximum' | 'minimum', tensor, scalar constant) for a call_tir of the importer's Clip kernels
+    (topi.maximum/minimum of a tensor and a 0-d constant, same shape out as in), else None."""
+    import tvm
+    from tvm import relax
+
+    if call.op.name != "relax.call_tir" or not isinstance(call.args[0], tvm.ir.GlobalVar):
+        return None
+    kind = call.args[0].name_hint.rstrip("0123456789")
+    args = call.args[1].fields if isinstance(call.args[1], relax.Tuple) else []
+    if kind not in ("maximum", "minimum") or len(args) != 2:
+        return None
+    data, scalar = args
+    if not (isinstance(scalar, tvm.ir.GenericConst) and len(scalar.ty.shape) == 0
+            and scalar.ty.dtype == data.ty.dtype):
+        return None
+    out, shape = call.ty, data.ty.shape
+    if shape is None or out.shape is None or list(map(int, out.shape)) != list(map(int, shape)):
+        return None
+    return kind, data, scalar
 
 
 def _split_bounds(call: Any) -> tuple[list[tuple[int, int]], int] | None:

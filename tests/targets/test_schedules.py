@@ -77,6 +77,36 @@ def transposed_convs() -> onnx.ModelProto:
     return make_model(nodes, [value("x", [1, 8, 5, 7])], [value("y", [1, 4, 20, 28])], inits)
 
 
+def clip_activations() -> onnx.ModelProto:
+    """PP-OCR (DBNet, PPLCNet) and MobileNetV3 activations between blocked convs: Clip with constant bounds
+    (opset 13 inputs), HardSwish, HardSigmoid, and per-tensor affine constants of shape (1,)."""
+    node = helper.make_node
+    nodes = [
+        node("Conv", ["x", "w0", "b0"], ["c0"], pads=[1, 1, 1, 1]),
+        node("Mul", ["c0", "scale"], ["m0"]), node("Add", ["m0", "shift"], ["a0"]),  # learnable affine block
+        node("Clip", ["a0", "lo", "hi"], ["r0"]),  # ReLU6
+        node("Conv", ["r0", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        node("HardSwish", ["c1"], ["h1"]),
+        node("Conv", ["h1", "w2", "b2"], ["c2"]),
+        node("HardSigmoid", ["c2"], ["g2"], alpha=0.2, beta=0.5),
+        node("Mul", ["g2", "c2"], ["y"]),
+    ]
+    scalar = lambda v, name, shape=(): numpy_helper.from_array(np.full(shape, v, np.float32), name)  # noqa: E731
+    inits = [_init("w0", (16, 16, 3, 3), 0.2), _init("b0", (16,)), scalar(1.3, "scale", (1,)),
+             scalar(-0.2, "shift", (1,)), scalar(0.0, "lo"), scalar(6.0, "hi"),
+             _init("w1", (16, 16, 3, 3), 0.2), _init("b1", (16,)), _init("w2", (16, 16, 1, 1)), _init("b2", (16,))]
+    return make_model(nodes, [value("x", [1, 16, 12, 12])], [value("y", [1, 16, 12, 12])], inits)
+
+
+def test_clip_activations_keep_the_blocked_layout_and_match_onnxruntime():
+    model = clip_activations()
+    scheduled, target = _lower(model)
+    main = scheduled["main"].script(show_meta=False)
+    # the input into blocks and the output back: nothing in between leaves the blocked layout
+    assert main.count("layout_transform") == 2, main
+    _check_against_onnxruntime(model, scheduled, target)
+
+
 def _lower(model: onnx.ModelProto):
     """Import, fuse and schedule the way build_artifact does for the x86 preset; (module, target)."""
     from rewriter.targets.lower import fuse_pipeline, import_onnx, schedule_pipeline
