@@ -243,7 +243,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print each model's slowest kernels (rules build)")
     parser.add_argument("--prune", type=float,
                         help="also each model pruned at this prune.ratio, timed against ORT on the original")
-    parser.add_argument("--round-to", type=int, nargs="+", default=[1], help="prune.round_to values for --prune")
+    parser.add_argument("--round-to", type=int, nargs="+", default=[8],
+                        help="prune.round_to values for --prune (default 8: what --target x86 prunes to)")
     args = parser.parse_args()
     import tvm
 
