@@ -6,6 +6,8 @@ aarch64 wheels of numpy and the TVM runtime (for the sysroot's Python 3.11) are 
 needs root (apt-get), the Debian mirrors and PyPI; every step has a deadline. `prepare` raises QemuUnavailableError
 with one line saying why when the set-up cannot be had; `Arm64Env.run` raises QemuRunError when the library
 fails or hangs under qemu (the environment was checked when it was set up, so that is the library's fault).
+`start_rpc_server` runs TVM's RPC server on that Python (registered at a tracker: a qemu "device" for
+`--target arm --rpc`, tuning and timing); `python -m rewriter.targets.qemu_runner rpc-server` runs one until Ctrl-C.
 
 Only the TVM runtime library is loaded under qemu (TVM_USE_RUNTIME_LIB=1): the 240 MB compiler library is not
 extracted, and ml_dtypes (optional for TVM, 7 s to import under qemu) is not downloaded.
@@ -18,6 +20,7 @@ import fcntl
 import importlib.metadata
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -304,6 +307,119 @@ def prepare(work: Path = DEFAULT_WORK, log: Callable[[str], None] | None = None,
         return env
 
 
+# A TVM RPC server under qemu (`start_rpc_server`) -------------------------------------------------------------
+
+RPC_START_TIMEOUT_S = 120.0  # until the server is registered at the tracker (about 12 s: two `import tvm` under qemu)
+RPC_EXTRA_LIBRARY = "tvm/lib/libtvm_runtime_extra.so"  # MetaSchedule's random_fill_for_measure lives in it
+SITECUSTOMIZE = """\
+# Written by rewriter.targets.qemu_runner: without binfmt_misc the kernel cannot exec the aarch64 python, so the
+# processes TVM starts with sys.executable (its PopenWorker, multiprocessing's spawn) go through qemu's wrapper.
+import sys
+sys.executable = {wrapper!r}
+"""
+
+
+class RpcServer:
+    """`python -m tvm.exec.rpc_server` on the aarch64 Python under qemu, in its own process group (the server,
+    its PopenWorker and the per-session forks): `stop()`, or leaving the `with` block, kills the whole group.
+
+    `log` has the server's output (TVM logs each `load_module`); `folder` the wrapper files, removed on stop."""
+
+    def __init__(self, proc: subprocess.Popen, log: Path, folder: Path) -> None:
+        self.proc, self.log, self.folder = proc, log, folder
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=30)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> RpcServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _rpc_folder(env: Arm64Env) -> Path:
+    """What the aarch64 RPC server needs beyond the set-up, in a fresh folder put on its PYTHONPATH: a host
+    wrapper that runs the aarch64 python through qemu, a sitecustomize that makes it `sys.executable`, and
+    cloudpickle (pure Python; TVM's PopenWorker pickles with it), copied from this host's install."""
+    import importlib.util
+
+    found = importlib.util.find_spec("cloudpickle")
+    if found is None or not found.submodule_search_locations:
+        raise QemuUnavailableError("the aarch64 RPC server needs cloudpickle on this host (pip install cloudpickle)")
+    folder = Path(tempfile.mkdtemp(prefix="arm_rpc_"))
+    try:
+        shutil.copytree(list(found.submodule_search_locations)[0], folder / "cloudpickle",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        wrapper = folder / "python-aarch64"
+        args = " ".join(shlex.quote(str(a)) for a in (env.qemu, "-L", env.root, env.root / PYTHON))
+        wrapper.write_text(f'#!/bin/sh\nexec {args} "$@"\n')
+        wrapper.chmod(0o755)
+        (folder / "sitecustomize.py").write_text(SITECUSTOMIZE.format(wrapper=str(wrapper)))
+    except OSError as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise QemuUnavailableError(f"cannot write the aarch64 RPC server's files: {exc.strerror or exc}") from None
+    return folder
+
+
+def _registered(tracker: str, key: str) -> bool:
+    import socket
+
+    from tvm import rpc
+
+    host, _, port = tracker.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+        return key in rpc.connect_tracker(host, int(port)).summary().get("queue_info", {})
+    except OSError:
+        return False
+
+
+def start_rpc_server(env: Arm64Env, tracker: str, key: str, host: str = "127.0.0.1", port: int = 9090,
+                     port_end: int = 9199, log: Path | None = None,
+                     timeout: float = RPC_START_TIMEOUT_S) -> RpcServer:
+    """Start TVM's RPC server on the aarch64 Python under qemu-user, registered at the tracker (HOST:PORT) with
+    `key`; returns once the tracker lists the key. The server binds `host` on the first free port in
+    [port, port_end) and serves until stopped (use it as a context manager). It loads the runtime's extra
+    library (`--load-library`), which holds what MetaSchedule's RPCRunner calls on the device.
+
+    QemuRunError (with the last line of its log) when the server exits or is not registered within `timeout`.
+    """
+    folder = _rpc_folder(env)
+    log = Path(log) if log is not None else folder / "server.log"
+    cmd = [env.qemu, "-L", str(env.root), str(env.root / PYTHON), "-m", "tvm.exec.rpc_server", "--host", host,
+           "--port", str(port), "--port-end", str(port_end), "--tracker", tracker, "--key", key]
+    if (env.site / RPC_EXTRA_LIBRARY).is_file():
+        cmd += ["--load-library", str(env.site / RPC_EXTRA_LIBRARY)]
+    environ = {**_env(env.site), "PYTHONPATH": f"{env.site}{os.pathsep}{folder}"}
+    try:
+        with open(log, "wb") as sink:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
+                                    env=environ, start_new_session=True)
+    except OSError as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise QemuRunError(f"cannot start the aarch64 RPC server: {exc.strerror or exc}") from None
+    server = RpcServer(proc, log, folder)
+    deadline = time.monotonic() + timeout
+    try:
+        while not _registered(tracker, key):
+            if proc.poll() is not None:
+                raise QemuRunError(f"the aarch64 RPC server exited (rc {proc.returncode}): "
+                                   f"{_tail(log.read_text(errors='replace'))}")
+            if time.monotonic() > deadline:
+                raise QemuRunError(f"the aarch64 RPC server was not registered at {tracker} within {timeout:.0f} s: "
+                                   f"{_tail(log.read_text(errors='replace'))}")
+            time.sleep(0.5)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
 def elf_info(path: Path) -> str:
     """One line: the ELF class and machine of a library (an arm artifact must be 64-bit AArch64)."""
     head = Path(path).read_bytes()[:20]
@@ -330,3 +446,41 @@ def compare(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, int]:
     rel = float(diff.max() / max(float(np.abs(ref).max()), 1e-12))
     agree = int((ref.reshape(len(ref), -1).argmax(1) == got.reshape(len(got), -1).argmax(1)).sum())
     return float(diff.max()), rel, agree
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m rewriter.targets.qemu_runner rpc-server --tracker HOST:PORT [--key KEY]`: an aarch64 TVM RPC
+    server under qemu until Ctrl-C or SIGTERM, for `--target arm --rpc HOST:PORT --device-key KEY` without a board."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m rewriter.targets.qemu_runner")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("rpc-server", help="TVM's RPC server on the aarch64 Python under qemu-user")
+    serve.add_argument("--tracker", required=True, help="HOST:PORT of a running `python -m tvm.exec.rpc_tracker`")
+    serve.add_argument("--key", default="arm-qemu", help="device key to register (default arm-qemu)")
+    serve.add_argument("--host", default="127.0.0.1", help="address the server binds (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=9090, help="first port tried (default 9090)")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        env = prepare(log=lambda text: print(text, file=sys.stderr))
+        server = start_rpc_server(env, args.tracker, args.key, host=args.host, port=args.port,
+                                  port_end=args.port + 100)
+    except (QemuUnavailableError, QemuRunError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with server:
+        print(f"aarch64 RPC server under qemu registered at {args.tracker} with key {args.key!r} "
+              f"(log {server.log}); Ctrl-C stops it", file=sys.stderr)
+        try:
+            while server.proc.poll() is None:
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            return 130
+        last = _tail(server.log.read_text(errors="replace"))
+        print(f"error: the server exited (rc {server.proc.returncode}): {last}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -54,6 +54,22 @@ def check_device(tracker: str, key: str, timeout_s: float = 30.0) -> int:
     return found["devices"]
 
 
+def device_threads(tracker: str, key: str, timeout_s: float = 120.0) -> int:
+    """The number of threads the TVM runtime uses on a device from the tracker (its `runtime.NumThreads`);
+    UsageError for tracker/key problems, ModelError when the device fails or does not answer in time."""
+    host, port = parse_tracker(tracker)
+
+    def work() -> dict:
+        from tvm import rpc
+
+        session = rpc.connect_tracker(host, port).request(key, priority=1, session_timeout=timeout_s)
+        threads = int(session.get_function("runtime.NumThreads")())
+        del session  # ends the session, so that the device is free for the next request at once
+        return {"threads": threads}
+
+    return _with_deadline(work, timeout_s, ModelError, f"the device {key!r} from {tracker}")["threads"]
+
+
 def _with_deadline(work, timeout_s: float, error: type[RewriterError], what: str, late: str = "did not answer") -> dict:
     """`work()` in a daemon thread (a silent tracker or hung device cannot keep us alive), as one-line
     errors: our own errors pass through, a timeout or any other failure becomes `error` naming `what`."""

@@ -9,6 +9,8 @@ Candidates are measured on this machine (MetaSchedule's LocalRunner) or, with `r
 HOST:PORT, device key), on devices from a TVM RPC tracker (its RPCRunner): this machine compiles
 every candidate into a shared library (cross-linked for aarch64), the device loads and times it.
 The rule-schedule seeds are measured where the candidates are, so the records compare like with like.
+An llvm target without `num-cores` (the arm preset) is tuned with the device's runtime thread count.
+Tested with an aarch64 TVM RPC server under qemu-user (qemu_runner.start_rpc_server).
 
 Needs the extra dependencies psutil and xgboost (apache-tvm's `meta-schedule` extra) and
 apache-tvm-ffi 0.1.14.x: 0.1.15.x segfaults while saving tuning records.
@@ -91,10 +93,6 @@ def check_tunable(spec: TargetSpec, remote: Remote | None = None) -> None:
     if spec.is_gpu and not tvm.cuda(0).exist:
         # Without a driver here the build goes through cuda_offline's child process, which does not tune.
         raise UsageError(f"tuning for {spec.name} needs a CUDA GPU on this machine")
-    if remote is not None and spec.is_aarch64:
-        # The candidates are cross-linked (export_candidate), but no aarch64 RPC device has measured them yet.
-        raise UsageError(f"tuning for {spec.name} through --rpc is not verified yet (no aarch64 RPC device tested): "
-                         "build it untuned, or tune an x86 target through --rpc")
     if remote is not None:
         from rewriter.targets.remote import check_device
 
@@ -175,6 +173,8 @@ def tune(fused: Any, target: Any, trials: int, work_dir: str | os.PathLike, log:
 
         # Ship build_candidate to the builder workers by value: they may not be able to import `targets`.
         cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        if remote is not None and target.kind.name == "llvm" and target.attrs.get("num-cores") is None:
+            target = _with_device_cores(target, remote, log)
         tasks = _tunable(ms.relax_integration.extract_tasks(fused, target))
         database = load_database(work_dir, create=True)
         records_before = len(database)
@@ -199,6 +199,21 @@ def tune(fused: Any, target: Any, trials: int, work_dir: str | os.PathLike, log:
         raise
     except Exception as exc:
         raise ModelError(f"MetaSchedule tuning failed: {one_line(exc)}") from None
+
+
+def _with_device_cores(target: Any, remote: Remote, log: Log | None) -> Any:
+    """The target with `num-cores` from the device: MetaSchedule refuses an llvm target without it (it sizes the
+    parallel loops), and the arm preset leaves it out, since this machine's core count says nothing about the
+    board. Only the tuning uses it: the build applies the records to the preset's own target (a record is
+    found by its workload, not its target), so the artifact is the same as without tuning but for the schedules."""
+    import tvm
+
+    from rewriter.targets.remote import device_threads
+
+    cores = device_threads(*remote)
+    if log:
+        log(f"the device {remote[1]!r} runs the TVM runtime on {cores} thread(s): tuning with num-cores={cores}")
+    return tvm.target.Target({**target.export(), "num-cores": cores})
 
 
 def summary(tasks: int, with_records: int, tuned: int, trials_run: int, seeded: int, applied: int,
