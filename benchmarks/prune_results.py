@@ -122,8 +122,10 @@ def _peer_models(base: onnx.ModelProto, fit, target_macs: int, shapes: dict) -> 
     return found
 
 
-def _rows(name: str, path: Path, calib: Path, peer: bool, timing: bool) -> list[list]:
+def _rows(name: str, path: Path, calib: Path, peer: bool, timing: bool, round_to: int | None = None) -> list[list]:
     options, budget = CONFIGS[name]
+    if round_to is not None:
+        options = {**options, "round_to": round_to}
     start = time.perf_counter()
     ours = rewrite(path, passes=["prune"], calib=calib, options={"prune": options}, budget=budget)
     seconds = time.perf_counter() - start
@@ -163,13 +165,14 @@ def main() -> None:
     parser.add_argument("--models", default="", help="comma-separated subset of " + ", ".join(CONFIGS))
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--round-to", type=int, help="prune.round_to for every model (8: what --target x86 uses)")
     parser.add_argument("--samples", type=int, help="real models: calibration sets of N images (25 %% held out)")
     args = parser.parse_args()
     only = [m for m in args.models.split(",") if m] or None
     rows = []
     with tempfile.TemporaryDirectory(prefix="prune-bench-") as folder:
         for name, (path, calib) in _models(args.real, only, args.samples, Path(folder)).items():
-            rows.extend(_rows(name, path, calib, not args.no_peer, not args.no_timing))
+            rows.extend(_rows(name, path, calib, not args.no_peer, not args.no_timing, args.round_to))
             print(table(HEADER, rows[-3:]), flush=True)  # progress: each model as soon as it is done
     print("\n" + table(HEADER, rows))
 
