@@ -287,6 +287,17 @@ def _calib_report(data: Calibration | None, ref: Reference | None) -> dict | Non
     }
 
 
+def _diff_to_onnxruntime(output: np.ndarray, model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> float:
+    """Max |device - onnxruntime| of the first output on the bench feed: the remote run is checked, not only
+    timed (a board with a broken runtime would otherwise report a fine latency)."""
+    import onnxruntime as ort
+
+    from .loading import ort_session
+
+    expected = ort_session(model, ort.SessionOptions()).run(None, feed)[0]
+    return float(np.max(np.abs(output.astype(np.float64) - expected)))
+
+
 def _write(
     result: RewriteResult, static: onnx.ModelProto, out_dir: Path, spec, force: bool, tune_trials: int, tuning_db,
     start: float, feed: dict[str, np.ndarray] | None, remote: tuple[str, str] | None = None,
@@ -313,7 +324,8 @@ def _write(
                 log(f"timing the artifact on a {key!r} device from the tracker at {tracker}")
                 timing = _targets().remote_timing(artifact, inputs, tracker, key)
                 result.report["bench"].update(artifact_ms=timing["ms"], remote={
-                    "tracker": tracker, "device_key": key, "devices": timing["devices"]})
+                    "tracker": tracker, "device_key": key, "devices": timing["devices"],
+                    "max_abs_diff": _diff_to_onnxruntime(timing["first_output"], static, feed)})
             elif _targets().runs_here(spec):  # TVM's thread pool is sized per process: time it in a fresh one
                 timing = _targets().artifact_timing(artifact, inputs, BENCH_THREADS)
                 result.report["bench"].update(artifact_ms=timing["ms"], artifact_threads=timing["threads"])

@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("rpc-server", help="TVM's RPC server on the aarch64 Python under qemu-user")
     serve.add_argument("--tracker", required=True, help="HOST:PORT of a running `python -m tvm.exec.rpc_tracker`")
-    serve.add_argument("--key", default="arm-qemu", help="device key to register (default arm-qemu)")
+    serve.add_argument("--key", default="qemu-aarch64", help="device key to register (default qemu-aarch64)")
     serve.add_argument("--host", default="127.0.0.1", help="address the server binds (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=9090, help="first port tried (default 9090)")
     args = parser.parse_args(argv)
