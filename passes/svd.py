@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from rewriter.errors import UsageError
-from rewriter.graph import GraphView, drop_unused_initializers
+from rewriter.graph import QUANTISED_OPS, GraphView, drop_unused_initializers, quantised_op
 from rewriter.layers import conv2d_geometry, conv_patches
 from rewriter.metrics import count_macs
 from rewriter.pass_api import PassContext, PassResult
@@ -165,6 +165,8 @@ class SvdPass:
                     layers.append(found)
                 else:
                     skipped[node.name or node.output[0]] = found
+            elif node.op_type in QUANTISED_OPS:  # dynamic / QOperator quantisation: integer layers stay as they are
+                skipped[node.name or node.output[0]] = quantised_op(node.op_type)
         return layers, skipped
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:

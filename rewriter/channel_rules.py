@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from .channels import Atom, ChannelGraph, Channels, node_label, subgraph_reads
-from .graph import attributes
+from .graph import QUANTISED_OPS, QUANTISED_WEIGHT, attributes, quantised_op
 
 UNARY = {
     "Relu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "LeakyRelu", "Tanh", "Elu", "Selu", "Celu", "Softplus",
@@ -81,6 +81,34 @@ def unknown(cg: ChannelGraph, node: onnx.NodeProto) -> None:
         block_tensor(cg, name, why)
 
 
+def _quantised(cg: ChannelGraph, node: onnx.NodeProto, why: str, axis: int | None = None) -> None:
+    """A pre-quantised layer: neither its input nor its output channels may be pruned, and the groups say why."""
+    _block_inputs(cg, node, why)
+    out = cg.view.shape(node.output[0])
+    axis = (1 if out is not None and len(out) > 1 else 0) if axis is None else axis
+    if out is not None and 0 <= axis < len(out) and isinstance(out[axis], int):
+        _fresh(cg, node.output[0], out[axis], axis, why)
+
+
+def _integer_layer(cg: ChannelGraph, node: onnx.NodeProto) -> None:
+    out = cg.view.shape(node.output[0])
+    matmul = node.op_type in ("MatMulInteger", "QLinearMatMul")
+    _quantised(cg, node, quantised_op(node.op_type), len(out) - 1 if matmul and out else None)
+
+
+def _quantise(cg: ChannelGraph, node: onnx.NodeProto) -> None:
+    """QuantizeLinear/DequantizeLinear/DynamicQuantizeLinear: channels do not cross a quantiser."""
+    _block_inputs(cg, node, f"quantised tensor ({node.op_type} {node_label(node)})")
+
+
+def _dequantised_weight(cg: ChannelGraph, node: onnx.NodeProto, axis: int | None = None) -> bool:
+    """True (and the layer blocked as quantised) when the node's weight comes from DequantizeLinear."""
+    if len(node.input) < 2 or cg.view.weight_problem(node.input[1]) != QUANTISED_WEIGHT:
+        return False
+    _quantised(cg, node, QUANTISED_WEIGHT, axis)
+    return True
+
+
 # --- rules: weighted layers --------------------------------------------------------------------------------------
 
 
@@ -88,6 +116,8 @@ def _conv(cg: ChannelGraph, node: onnx.NodeProto) -> None:
     weight = cg.view.constant(node.input[1]) if len(node.input) > 1 else None
     out = cg.view.shape(node.output[0])
     label = node_label(node)
+    if weight is None and _dequantised_weight(cg, node):
+        return
     if weight is None or out is None or len(out) < 3:
         unknown(cg, node)
         return
@@ -114,6 +144,8 @@ def _gemm(cg: ChannelGraph, node: onnx.NodeProto) -> None:
     weight = cg.view.constant(node.input[1])
     out = cg.view.shape(node.output[0])
     label = node_label(node)
+    if weight is None and _dequantised_weight(cg, node):
+        return
     if weight is None or out is None or attrs.get("transA", 0) or len(out) != 2:
         unknown(cg, node)
         return
@@ -131,6 +163,8 @@ def _matmul(cg: ChannelGraph, node: onnx.NodeProto) -> None:
     weight = cg.view.constant(node.input[1])
     out = cg.view.shape(node.output[0])
     label = node_label(node)
+    if weight is None and out and _dequantised_weight(cg, node, len(out) - 1):
+        return
     if weight is None or weight.ndim != 2 or out is None:
         unknown(cg, node)
         return
@@ -394,4 +428,6 @@ RULES: dict[str, Callable[[ChannelGraph, onnx.NodeProto], None]] = {
     "Flatten": _reshape,
     "Shape": _shape_only,
     "Size": _shape_only,
+    **dict.fromkeys(QUANTISED_OPS, _integer_layer),
+    **dict.fromkeys(("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"), _quantise),
 }

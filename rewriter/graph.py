@@ -9,6 +9,16 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+# Layers a pre-quantised model computes in integers (dynamic quantisation and QOperator formats), and the reason
+# every pass gives for leaving such a layer, or one whose weight comes from DequantizeLinear (QDQ), as it is.
+QUANTISED_OPS = frozenset({"ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "QGemm"})
+QUANTISED_WEIGHT = "quantised layer (weight from DequantizeLinear): left as the model's quantiser made it"
+
+
+def quantised_op(op_type: str) -> str:
+    """The reason a pass leaves an integer layer (QUANTISED_OPS) alone."""
+    return f"quantised layer ({op_type}): left as the model's quantiser made it"
+
 
 class GraphView:
     """Lookup tables over a (shape-inferred) model. Rebuild it after editing the model."""
@@ -77,7 +87,7 @@ class GraphView:
             return None
         producer = self.producer(name)
         if producer is not None and producer.op_type == "DequantizeLinear":
-            return "quantised layer (weight from DequantizeLinear): left as the model's quantiser made it"
+            return QUANTISED_WEIGHT
         return "weight is not a constant"
 
     def is_graph_output(self, name: str) -> bool:

@@ -140,6 +140,23 @@ def fetch_extra_models(cache_dir: Path) -> dict[str, Path]:
     return fetch_models(cache_dir, EXTRA_WHEELS, EXTRA_FILES)
 
 
+# A model quantised by its authors (QDQ: int8 weights per channel, uint8 activations): Smart Turn v3.2, a Whisper-tiny
+# encoder + classifier on 8 s of 16 kHz audio as [N, 80, 800] log-mel features, with the numpy feature extractor
+# shipped beside it (pure numpy, loaded from the cache by path; the package itself is never imported).
+QUANTISED_WHEELS: dict[str, dict[str, str]] = {
+    "pipecat-ai==1.14.0": {
+        "pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx": "smart_turn_v3_2_int8.onnx",
+        "pipecat/audio/turn/smart_turn/_whisper_features.py": "smart_turn_features.py",
+    },
+}
+QUANTISED_FILES = {"smart_turn": "smart_turn_v3_2_int8.onnx", "smart_turn_features": "smart_turn_features.py"}
+
+
+def fetch_quantised_models(cache_dir: Path) -> dict[str, Path]:
+    """The pre-quantised model (QUANTISED_WHEELS) and its feature extractor; name -> path."""
+    return fetch_models(cache_dir, QUANTISED_WHEELS, QUANTISED_FILES)
+
+
 # ---------------------------------------------------------------- images
 
 
