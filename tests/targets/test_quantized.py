@@ -112,6 +112,9 @@ def _vowels(rng: np.random.Generator, seconds: float, rate: int = 16000) -> np.n
     return (out + rng.normal(0, 0.003, len(out))).astype(np.float32)
 
 
+COMPARED = 12  # Smart Turn samples run through the x86 library (with 6 the means are too noisy to compare)
+
+
 @pytest.fixture(scope="module")
 def smart_turn(tmp_path_factory):
     """Smart Turn v3.2 as its authors ship it (QDQ int8) and features of speech-like audio through its own extractor."""
@@ -138,12 +141,14 @@ def test_real_qdq_model_passes_leave_it_alone_and_x86_follows_onnxruntime(smart_
     from tvm import relax
 
     model, calib = smart_turn
-    for name in ("svd", "prune"):
-        result = rewrite(model, passes=[name], calib=calib)
-        notes = result.report["passes"][0]["notes"]
-        reasons = notes["skipped"].values() if name == "svd" else [g["skipped"] for g in notes["groups"].values()]
-        assert result.report["passes"][0]["changed"] == [] and result.report["fidelity"]["drop"] < 1e-6
-        assert sum("quantised layer" in why for why in reasons) >= (34 if name == "svd" else 1)
+    result = rewrite(model, passes=["svd", "prune"], calib=calib)  # one canonicalisation of the 8.7 MB model
+    assert result.report["fidelity"]["drop"] < 1e-6
+    for record in result.report["passes"]:
+        notes = record["notes"]
+        svd = record["name"] == "svd"
+        reasons = notes["skipped"].values() if svd else [g["skipped"] for g in notes["groups"].values()]
+        assert record["changed"] == []
+        assert sum("quantised layer" in why for why in reasons) >= (34 if svd else 1)
 
     result = rewrite(model, target="x86", calib=calib, out_dir=tmp_path / "out")
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(result.artifacts["library"])), tvm.cpu())
@@ -152,7 +157,7 @@ def test_real_qdq_model_passes_leave_it_alone_and_x86_follows_onnxruntime(smart_
     unfused = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     fused = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     got, want, default = [], [], []
-    for x in np.load(calib)["input_features"]:
+    for x in np.load(calib)["input_features"][:COMPARED]:  # the untuned x86 build takes ~5 s a call here
         got.append(float(vm["main"](tvm.runtime.tensor(x[None])).numpy().ravel()[0]))
         want.append(float(unfused.run(None, {"input_features": x[None]})[0].ravel()[0]))
         default.append(float(fused.run(None, {"input_features": x[None]})[0].ravel()[0]))
