@@ -68,7 +68,7 @@ def main() -> None:
             model, calib = models[name]
             for target in args.targets.split(","):
                 rows.append(build(name, model, calib, target, Path(tmp)))
-    print(table(["model", "target", "build s", "artifact", f"max |x86 − ORT| ({SAMPLES_CHECKED} samples)",
+    print(table(["model", "target", "build s", "artifact", f"max \\|x86 − ORT\\| ({SAMPLES_CHECKED} samples)",
                  "device code"], rows))
 
 
