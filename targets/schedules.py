@@ -182,15 +182,7 @@ def split_to_slices() -> Any:
             parts = [relax.op.strided_slice(data, axes=[axis], begin=[start], end=[end]) for start, end in sections]
             return relax.Tuple(parts)
 
-    @tvm.transform.module_pass(opt_level=0, name="RewriterSplitToSlices")
-    def run(mod: Any, _ctx: Any) -> Any:
-        rewriter = _Rewriter(mod)
-        for gvar, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
-
-    return run
+    return _function_pass("RewriterSplitToSlices", _Rewriter)
 
 
 def clip_to_min_max() -> Any:
@@ -220,13 +212,22 @@ def clip_to_min_max() -> Any:
             kind, data, scalar = bound
             return (relax.op.maximum if kind == "maximum" else relax.op.minimum)(data, scalar)
 
-    @tvm.transform.module_pass(opt_level=0, name="RewriterClipToMinMax")
+    rewrite = _function_pass("RewriterClipToMinMax", _Rewriter)
+    return tvm.transform.Sequential([rewrite, relax.transform.DeadCodeElimination()])  # the replaced kernels go
+
+
+def _function_pass(name: str, mutator: type) -> Any:
+    """A module pass that runs `mutator` (a relax.PyExprMutator) over every Relax function of the module."""
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
     def run(mod: Any, _ctx: Any) -> Any:
-        rewriter = _Rewriter(mod)
+        rewriter = mutator(mod)
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(rewriter.builder_.get())  # the replaced kernels go
+        return rewriter.builder_.get()
 
     return run
 
