@@ -7,7 +7,7 @@ import pytest
 from rewriter import rewrite, sensitivity
 from rewriter.budget import allocate, check_budget
 from rewriter.errors import UsageError
-from tests.helpers import SAMPLES
+from tests.helpers import SAMPLES, first_samples
 
 CALIB = SAMPLES / "digits_calib.npz"
 MLP = SAMPLES / "digits_mlp.onnx"
@@ -110,7 +110,8 @@ def test_a_result_far_worse_than_its_curves_is_checked_against_one_uniform_setti
     from rewriter import budget
 
     monkeypatch.setattr(budget, "SUSPECT_MARGIN", -1.0)  # every result counts as suspect
-    report = rewrite(SAMPLES / "digits_resnet.onnx", passes=["svd"], calib=CALIB, budget={"macs": 0.5}).report
+    calib = first_samples(CALIB, 160)  # the mechanism is under test, not the figures: fewer samples
+    report = rewrite(SAMPLES / "digits_resnet.onnx", passes=["svd"], calib=calib, budget={"macs": 0.5}).report
     spent = report["budget"]
     assert spent["met"] and spent["chosen"] in ("per unit", "uniform")
     if spent["chosen"] == "uniform":  # kept only when it lost less than the per-unit cuts
