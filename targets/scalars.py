@@ -9,8 +9,12 @@ whenever the other operand has rank >= 1, and ConvertLayout passes scalars throu
 
 from __future__ import annotations
 
+import math
+
 import onnx
 from onnx import numpy_helper
+
+from rewriter.graph import GraphView
 
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"}
 
@@ -18,21 +22,16 @@ ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"}
 def scalar_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy whose one-element initializers read only by element-wise ops against tensors of rank >= 1 are
     rank-0; the model itself is returned when there is none."""
-    graph = model.graph
-    ranks = _ranks(model)
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    declared = {v.name for v in [*graph.input, *graph.output]}  # an initializer that is also an input keeps its shape
-    targets = [init.name for init in graph.initializer
-               if len(init.dims) >= 1 and _size(init) == 1 and init.name not in declared
-               and readers.get(init.name) and all(_broadcasts(n, init.name, ranks) for n in readers[init.name])]
-    if not targets:
+    view = GraphView(onnx.shape_inference.infer_shapes(model))
+    declared = {v.name for v in [*model.graph.input, *model.graph.output]}  # such initializers keep their shape
+    wanted = {init.name for init in model.graph.initializer
+              if init.dims and math.prod(init.dims) == 1 and init.name not in declared
+              and view.consumers(init.name)
+              and all(_broadcasts(node, init.name, view) for node in view.consumers(init.name))}
+    if not wanted:
         return model
     new = onnx.ModelProto()
     new.CopyFrom(model)
-    wanted = set(targets)
     for init in new.graph.initializer:
         if init.name in wanted:
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).reshape(()), init.name))
@@ -42,26 +41,9 @@ def scalar_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     return new
 
 
-def _size(init: onnx.TensorProto) -> int:
-    size = 1
-    for d in init.dims:
-        size *= d
-    return size
-
-
-def _broadcasts(node: onnx.NodeProto, name: str, ranks: dict[str, int]) -> bool:
+def _broadcasts(node: onnx.NodeProto, name: str, view: GraphView) -> bool:
     """True when `name` is an operand of an element-wise op whose other operands all have rank >= 1."""
     if node.op_type not in ELEMENTWISE or node.domain not in ("", "ai.onnx"):
         return False
     others = [i for i in node.input if i != name]
-    return bool(others) and all(ranks.get(i, 0) >= 1 for i in others)
-
-
-def _ranks(model: onnx.ModelProto) -> dict[str, int]:
-    inferred = onnx.shape_inference.infer_shapes(model)
-    graph = inferred.graph
-    ranks = {init.name: len(init.dims) for init in graph.initializer}
-    for value in [*graph.input, *graph.value_info, *graph.output]:
-        if value.type.tensor_type.HasField("shape"):
-            ranks[value.name] = len(value.type.tensor_type.shape.dim)
-    return ranks
+    return bool(others) and all(len(view.shape(i) or []) >= 1 for i in others)
