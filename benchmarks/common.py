@@ -24,6 +24,30 @@ def real_models(samples: int | None = None, calib_dir: Path | None = None) -> di
     return {name: (models[name], calibs[name]) for name in ("mobilenetv3_cls", "dbnet", "yolov8n")}
 
 
+def library_vs_onnxruntime(artifact: Path, model: Path, calib: Path, samples: int = 1,
+                           relative: bool = False) -> float:
+    """Max |x86 library - onnxruntime on model| over every output and the first `samples` calibration samples (one
+    at a time); with `relative`, each output's difference is divided by its largest |value|."""
+    import numpy as np
+    import onnxruntime as ort
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(artifact)), tvm.cpu())
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    worst = 0.0
+    with np.load(calib) as data:
+        for i in range(samples):
+            feed = {n: np.ascontiguousarray(data[n][i:i + 1]) for n in names}
+            got = vm["main"](*(tvm.runtime.tensor(feed[n]) for n in names))
+            got = [got.numpy()] if hasattr(got, "numpy") else [g.numpy() for g in got]
+            for g, e in zip(got, session.run(None, feed), strict=True):
+                scale = max(float(np.max(np.abs(e))), 1e-12) if relative else 1.0
+                worst = max(worst, float(np.max(np.abs(g - e))) / scale)
+    return worst
+
+
 def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from common import SAMPLES, real_models, table
+from common import SAMPLES, library_vs_onnxruntime, real_models, table
 from onnx import numpy_helper
 
 from rewriter import rewrite
@@ -72,28 +72,12 @@ def _ours(name: str, path: Path, calib: Path, pass_name: str, options: dict, bui
     library = result.artifacts.get("library")
     so = "–"
     if library:
-        so = f"{library.stat().st_size / 1e6:.2f} MB, {_library_vs_onnxruntime(library, result, calib):.1e}"
+        diff = library_vs_onnxruntime(library, result.artifacts["model"], calib, relative=True)
+        so = f"{library.stat().st_size / 1e6:.2f} MB, {diff:.1e}"
     label = pass_name + "".join(f" {k}={v}" for k, v in options.items())
     row = [name, label, f"{path.stat().st_size / file_bytes:.1f}×", f"{bits:.2f}", layers,
            *_fidelity_cells(report["fidelity"]), so, f"{seconds:.0f}"]
     return row, bits
-
-
-def _library_vs_onnxruntime(library: Path, result, calib: Path) -> float:
-    """Max |x86 - onnxruntime| over the outputs, relative to the largest |output|, on the first calibration
-    sample at the fitted shape (model.onnx itself, in onnxruntime, is the reference)."""
-    import onnxruntime as ort
-    import tvm
-    from tvm import relax
-
-    with np.load(calib) as data:
-        feed = {name: data[name][:1] for name in data.files if name != "labels"}
-    expected = ort.InferenceSession(str(result.artifacts["model"]), providers=["CPUExecutionProvider"]).run(None, feed)
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
-    got = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(x)) for x in feed.values()])
-    got = [got.numpy()] if hasattr(got, "numpy") else [g.numpy() for g in got]
-    return max(float(np.max(np.abs(g - e)) / max(float(np.max(np.abs(e))), 1e-12))
-               for g, e in zip(got, expected, strict=True))
 
 
 def _onnxsim_kmeans(name: str, path: Path, calib: Path, bits: float) -> list:

@@ -15,32 +15,12 @@ import json
 import tempfile
 from pathlib import Path
 
-import numpy as np
-from common import real_models, table
+from common import library_vs_onnxruntime, real_models, table
 
 from rewriter import rewrite
 from rewriter.errors import RewriterError
 
 SAMPLES_CHECKED = 4
-
-
-def _x86_max_diff(artifact: Path, model: Path, calib: Path) -> float:
-    import onnxruntime as ort
-    import tvm
-    from tvm import relax
-
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(artifact)), tvm.cpu())
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    worst = 0.0
-    with np.load(calib) as data:
-        for i in range(SAMPLES_CHECKED):
-            feeds = {n: data[n][i:i + 1] for n in names}
-            expected = session.run(None, feeds)[0]
-            got = vm["main"](*(tvm.runtime.tensor(feeds[n]) for n in names))
-            got = got.numpy() if hasattr(got, "numpy") else got[0].numpy()
-            worst = max(worst, float(np.max(np.abs(got - expected))))
-    return worst
 
 
 def build(name: str, model: Path, calib: Path, target: str, work: Path) -> list:
@@ -51,7 +31,7 @@ def build(name: str, model: Path, calib: Path, target: str, work: Path) -> list:
         return [name, target, "failed", "", "", str(exc)[:80]]
     report = json.loads((out / "report.json").read_text())["target"]
     artifact = out / report["artifact"]
-    diff = f"{_x86_max_diff(artifact, model, calib):.1e}" if target == "x86" else "–"
+    diff = f"{library_vs_onnxruntime(artifact, model, calib, SAMPLES_CHECKED):.1e}" if target == "x86" else "–"
     extra = report.get("device_code") or ""
     return [name, target, f"{report['build_seconds']:.1f}", f"{artifact.stat().st_size / 1024:.0f} KiB", diff, extra]
 
