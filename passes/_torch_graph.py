@@ -24,6 +24,8 @@ from onnx import helper, numpy_helper
 from rewriter.errors import ModelError
 from rewriter.graph import attributes
 
+from ._torch_recurrent import recurrent
+
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 # Inputs that configure an op rather than carry learnable values: never trained even when float.
 _CONFIG_INPUTS = {"Resize": {1, 2}, "Clip": {1, 2}, "Pad": {1, 2}, "BatchNormalization": {3, 4},
@@ -363,6 +365,9 @@ _OPS: dict[str, Callable] = {
     "ReduceMean": lambda attrs, x, axes=None: _reduce(attrs, x, axes, torch.mean),
     "ReduceSum": lambda attrs, x, axes=None: _reduce(attrs, x, axes, torch.sum),
     "ReduceMax": lambda attrs, x, axes=None: _reduce(attrs, x, axes, torch.amax),
+    "LSTM": lambda attrs, *args: recurrent("LSTM", attrs, *args),
+    "GRU": lambda attrs, *args: recurrent("GRU", attrs, *args),
+    "RNN": lambda attrs, *args: recurrent("RNN", attrs, *args),
 }
 SUPPORTED_OPS = frozenset(_OPS) | {"Constant", "Cast", "Split", "Reshape", "Softmax", "LogSoftmax"}
 
