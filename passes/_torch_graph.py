@@ -3,7 +3,8 @@
 Float initializers become `torch.nn.Parameter`s keyed by their ONNX names, so training changes exactly the
 values the ONNX file holds and `write_back` puts them into the same initializers (same names, shapes, dtypes).
 Integer initializers (PQ codes, packed sign bits, shapes) stay constant tensors. Each op is a small function
-in `_OPS`; an op that is not there is a one-line ModelError naming it.
+in `_OPS` (the long tail in _torch_ops.py, LSTM/GRU/RNN in _torch_recurrent.py); an op that is not there
+is a one-line ModelError naming it (and why, for the ops refused on purpose).
 
 Graphs arrive canonicalised to batch 1; `forward` also runs batches of B samples: a Reshape whose constant
 target starts with the batch's 1 gets B there. Whether that reading is right for a given graph is checked by
@@ -24,20 +25,23 @@ from onnx import helper, numpy_helper
 from rewriter.errors import ModelError
 from rewriter.graph import attributes
 
+from ._torch_ops import OPS, OPSET_OPS, REFUSED, binary, unary
+from ._torch_ops import ints as _ints
 from ._torch_recurrent import recurrent
 
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 # Inputs that configure an op rather than carry learnable values: never trained even when float.
+# A QDQ model's scales and zero points are configuration too, weights' included: the integer kernels that
+# onnxruntime and TVM fuse QDQ into take the int32 bias's scale to be input scale x weight scale, which training
+# one scale alone would break. What trains in a QDQ model are its float tensors outside quantisation (norms,
+# layers left in float); its integer weights are constants like every integer initializer.
 _CONFIG_INPUTS = {"Resize": {1, 2}, "Clip": {1, 2}, "Pad": {1, 2}, "BatchNormalization": {3, 4},
-                  "Upsample": {1}, "ConstantOfShape": {0}, "Range": {0, 1, 2}, "Expand": {1}, "Tile": {1}}
+                  "Upsample": {1}, "ConstantOfShape": {0}, "Range": {0, 1, 2}, "Expand": {1}, "Tile": {1},
+                  "QuantizeLinear": {1, 2}, "DequantizeLinear": {1, 2}}
 
 
 def _torch_dtype(onnx_type: int) -> torch.dtype:
     return torch.from_numpy(np.zeros(0, dtype=helper.tensor_dtype_to_np_dtype(onnx_type))).dtype
-
-
-def _ints(t: torch.Tensor) -> list[int]:
-    return [int(v) for v in t.reshape(-1).tolist()]
 
 
 def _pads_nd(pads: Sequence[int], rank: int) -> list[int]:
@@ -205,26 +209,6 @@ def _squeeze(attrs, x, axes=None):
     return x
 
 
-def _resize(attrs, x, roi=None, scales=None, sizes=None):
-    mode = attrs.get("mode", b"nearest").decode()
-    coord = attrs.get("coordinate_transformation_mode", b"half_pixel").decode()
-    if sizes is not None and sizes.numel():
-        size = _ints(sizes)[2:]
-    else:
-        size = [int(math.floor(d * s)) for d, s in zip(x.shape[2:], scales.tolist()[2:], strict=True)]
-    if mode == "nearest":
-        nearest = attrs.get("nearest_mode", b"round_prefer_floor").decode()
-        if coord == "asymmetric" and nearest == "floor":
-            return F.interpolate(x, size=size, mode="nearest")
-        if coord in ("half_pixel", "pytorch_half_pixel") and nearest in ("round_prefer_floor", "round_prefer_ceil"):
-            return F.interpolate(x, size=size, mode="nearest-exact")
-    elif mode == "linear" and x.dim() in (3, 4, 5):
-        kind = {3: "linear", 4: "bilinear", 5: "trilinear"}[x.dim()]
-        if coord in ("half_pixel", "pytorch_half_pixel", "align_corners"):
-            return F.interpolate(x, size=size, mode=kind, align_corners=coord == "align_corners")
-    raise ModelError(f"distill: Resize mode={mode} coordinate_transformation_mode={coord} is not supported")
-
-
 def _batch_norm(attrs, x, scale, bias, mean, var):
     return F.batch_norm(x, mean, var, scale, bias, False, 0.0, attrs.get("epsilon", 1e-5))
 
@@ -237,16 +221,6 @@ def _constant(attrs):
         if key in attrs:
             return torch.tensor(attrs[key], dtype=dtype)
     raise ModelError("distill: Constant without a value attribute is not supported")
-
-
-def _reduce(attrs, x, axes, fn: Callable):
-    axes = _ints(axes) if axes is not None else list(attrs.get("axes", []))
-    keep = bool(attrs.get("keepdims", 1))
-    if not axes:
-        if attrs.get("noop_with_empty_axes", 0):
-            return x
-        axes = list(range(x.dim()))
-    return fn(x, dim=[a % x.dim() for a in axes], keepdim=keep)
 
 
 def _mod(attrs, a, b):
@@ -320,14 +294,6 @@ def _layer_norm(attrs, x, scale, bias=None):
     return F.layer_norm(x, x.shape[axis:], scale, bias, attrs.get("epsilon", 1e-5))
 
 
-def _unary(fn: Callable) -> Callable:
-    return lambda attrs, x: fn(x)
-
-
-def _binary(fn: Callable) -> Callable:
-    return lambda attrs, a, b: fn(a, b)
-
-
 def _variadic(fn: Callable) -> Callable:
     def run(attrs, *xs):
         out = xs[0]
@@ -338,38 +304,36 @@ def _variadic(fn: Callable) -> Callable:
 
 
 _OPS: dict[str, Callable] = {
-    "Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MatMul": _binary(torch.matmul),
-    "Add": _binary(torch.add), "Sub": _binary(torch.sub), "Mul": _binary(torch.mul), "Pow": _binary(torch.pow),
+    "Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MatMul": binary(torch.matmul),
+    "Add": binary(torch.add), "Sub": binary(torch.sub), "Mul": binary(torch.mul), "Pow": binary(torch.pow),
     "Div": lambda attrs, a, b: a / b if a.is_floating_point() else torch.div(a, b, rounding_mode="trunc"),
     "Max": _variadic(torch.maximum), "Min": _variadic(torch.minimum), "Sum": _variadic(torch.add),
-    "Mod": _mod, "BitShift": _bitshift, "Equal": _binary(torch.eq), "Less": _binary(torch.lt),
-    "Greater": _binary(torch.gt), "Where": lambda attrs, c, a, b: torch.where(c, a, b),
-    "Relu": _unary(F.relu), "Sigmoid": _unary(torch.sigmoid), "Tanh": _unary(torch.tanh), "Exp": _unary(torch.exp),
-    "Log": _unary(torch.log), "Sqrt": _unary(torch.sqrt), "Neg": _unary(torch.neg), "Abs": _unary(torch.abs),
-    "Erf": _unary(torch.erf), "Floor": _unary(torch.floor), "Ceil": _unary(torch.ceil),
-    "Reciprocal": _unary(torch.reciprocal), "Softplus": _unary(F.softplus), "Identity": _unary(lambda x: x),
-    "Dropout": _unary(lambda x: x), "HardSigmoid": _hard_sigmoid, "HardSwish": _unary(F.hardswish),
+    "Mod": _mod, "BitShift": _bitshift, "Equal": binary(torch.eq), "Less": binary(torch.lt),
+    "Greater": binary(torch.gt), "Where": lambda attrs, c, a, b: torch.where(c, a, b),
+    "Relu": unary(F.relu), "Sigmoid": unary(torch.sigmoid), "Tanh": unary(torch.tanh), "Exp": unary(torch.exp),
+    "Log": unary(torch.log), "Sqrt": unary(torch.sqrt), "Neg": unary(torch.neg), "Abs": unary(torch.abs),
+    "Erf": unary(torch.erf), "Floor": unary(torch.floor), "Ceil": unary(torch.ceil),
+    "Reciprocal": unary(torch.reciprocal), "Softplus": unary(F.softplus), "Identity": unary(lambda x: x),
+    "Dropout": unary(lambda x: x), "HardSigmoid": _hard_sigmoid, "HardSwish": unary(F.hardswish),
     "Clip": _clip, "LeakyRelu": lambda attrs, x: F.leaky_relu(x, attrs.get("alpha", 0.01)),
     "Elu": lambda attrs, x: F.elu(x, attrs.get("alpha", 1.0)),
     "PRelu": lambda attrs, x, s: torch.where(x >= 0, x, x * s),
     "Gelu": lambda attrs, x: F.gelu(x, approximate="tanh" if attrs.get("approximate", b"none") == b"tanh" else "none"),
     "BatchNormalization": _batch_norm, "LayerNormalization": _layer_norm,
     "MaxPool": lambda attrs, x: _pool(attrs, x, "max"), "AveragePool": lambda attrs, x: _pool(attrs, x, "avg"),
-    "GlobalAveragePool": _unary(lambda x: x.mean(dim=tuple(range(2, x.dim())), keepdim=True)),
-    "GlobalMaxPool": _unary(lambda x: x.amax(dim=tuple(range(2, x.dim())), keepdim=True)),
+    "GlobalAveragePool": unary(lambda x: x.mean(dim=tuple(range(2, x.dim())), keepdim=True)),
+    "GlobalMaxPool": unary(lambda x: x.amax(dim=tuple(range(2, x.dim())), keepdim=True)),
     "Concat": lambda attrs, *xs: torch.cat(xs, dim=attrs["axis"]),
     "Slice": _slice, "Flatten": _flatten, "Unsqueeze": _unsqueeze, "Squeeze": _squeeze,
     "Transpose": lambda attrs, x: x.permute(attrs.get("perm", list(range(x.dim()))[::-1])),
-    "Resize": _resize, "Gather": _gather, "Shape": _shape, "Range": _range, "Expand": _expand,
+    "Gather": _gather, "Shape": _shape, "Range": _range, "Expand": _expand,
     "ConstantOfShape": _const_of_shape, "Pad": _pad, "Tile": lambda attrs, x, r: x.repeat(_ints(r)),
-    "ReduceMean": lambda attrs, x, axes=None: _reduce(attrs, x, axes, torch.mean),
-    "ReduceSum": lambda attrs, x, axes=None: _reduce(attrs, x, axes, torch.sum),
-    "ReduceMax": lambda attrs, x, axes=None: _reduce(attrs, x, axes, torch.amax),
     "LSTM": lambda attrs, *args: recurrent("LSTM", attrs, *args),
     "GRU": lambda attrs, *args: recurrent("GRU", attrs, *args),
     "RNN": lambda attrs, *args: recurrent("RNN", attrs, *args),
-}
-SUPPORTED_OPS = frozenset(_OPS) | {"Constant", "Cast", "Split", "Reshape", "Softmax", "LogSoftmax"}
+} | OPS
+SUPPORTED_OPS = frozenset(_OPS) | frozenset(OPSET_OPS) | {"Constant", "Cast", "Split", "Reshape", "Softmax",
+                                                          "LogSoftmax"}
 
 
 def trainable_names(model: onnx.ModelProto) -> list[str]:
@@ -394,10 +358,12 @@ class TorchGraph(torch.nn.Module):
         self.nodes = list(model.graph.node)
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
         self.attrs = [attributes(node) for node in self.nodes]
-        unsupported = sorted({n.op_type for n in self.nodes if n.op_type not in SUPPORTED_OPS or n.domain not in
-                              ("", "ai.onnx")})
+        unsupported = sorted({n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}:{n.op_type}"
+                              for n in self.nodes if n.op_type not in SUPPORTED_OPS or n.domain not in ("", "ai.onnx")})
         if unsupported:
-            raise ModelError(f"distill: op(s) {', '.join(unsupported)} not supported by the PyTorch interpreter")
+            why = "; ".join(f"{op}: {REFUSED[op]}" for op in unsupported if op in REFUSED)
+            raise ModelError(f"distill: op(s) {', '.join(unsupported)} not supported by the PyTorch interpreter"
+                             + (f" ({why})" if why else ""))
         self.dtypes = {t.name: helper.tensor_dtype_to_np_dtype(t.data_type) for t in model.graph.initializer}
         wanted = set(trainable)
         self.params: dict[str, torch.nn.Parameter] = {}
@@ -451,7 +417,7 @@ class TorchGraph(torch.nn.Module):
         if op in ("Softmax", "LogSoftmax"):
             return [_softmax(attrs, args[0], op == "LogSoftmax", self.opset)]
         try:
-            out = _OPS[op](attrs, *args)
+            out = OPSET_OPS[op](attrs, *args, opset=self.opset) if op in OPSET_OPS else _OPS[op](attrs, *args)
         except ModelError:
             raise
         except (RuntimeError, TypeError, ValueError, IndexError) as exc:

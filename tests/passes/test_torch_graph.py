@@ -144,3 +144,150 @@ def test_gradients_reach_recurrent_weights(op):
     for name in ("W", "R", "B", *(["P"] if op == "LSTM" else [])):
         grad = graph.params[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
+
+
+# --- the long tail -------------------------------------------------------------------------------------------------
+
+n = helper.make_node
+
+
+def _i64(*values) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
+
+
+X = _rand(2, 3, 4, 5)
+POS = np.abs(X) + 0.5
+TIES = np.round(X * 1.5)  # repeated values: ArgMax/ArgMin ties, GreaterOrEqual equality
+UNIT = np.tanh(X) * 0.9  # inside the domain of asin, acos, atanh
+SPECIAL = np.array([np.nan, np.inf, -np.inf, 0.0, -2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 0.3, -0.7], np.float32)
+BOOLS = {"a": X > 0, "b": TIES > 0}
+IMG = _rand(1, 8, 4, 6, seed=3)
+
+CASES = {
+    "argmax": (n("ArgMax", ["x"], ["y"], axis=1, keepdims=0), {"x": TIES}, {}, 13),
+    "argmax_last": (n("ArgMax", ["x"], ["y"], axis=-1, select_last_index=1), {"x": TIES}, {}, 13),
+    "argmin_last": (n("ArgMin", ["x"], ["y"], axis=2, select_last_index=1), {"x": TIES}, {}, 13),
+    "reduce_min_attr": (n("ReduceMin", ["x"], ["y"], axes=[1, 3], keepdims=0), {"x": X}, {}, 13),
+    "reduce_prod_attr": (n("ReduceProd", ["x"], ["y"], axes=[1, -1]), {"x": POS}, {}, 13),
+    "reduce_l1_attr": (n("ReduceL1", ["x"], ["y"], axes=[2]), {"x": X}, {}, 13),
+    "reduce_l2_all": (n("ReduceL2", ["x"], ["y"], keepdims=0), {"x": X}, {}, 13),
+    "reduce_sum_square": (n("ReduceSumSquare", ["x"], ["y"], axes=[0, 2]), {"x": X}, {}, 13),
+    "reduce_log_sum": (n("ReduceLogSum", ["x"], ["y"], axes=[1]), {"x": POS}, {}, 13),
+    "reduce_log_sum_exp": (n("ReduceLogSumExp", ["x"], ["y"], axes=[3], keepdims=0), {"x": X}, {}, 13),
+    **{f"{op.lower()}_input_axes": (n(op, ["x", "axes"], ["y"], keepdims=0), {"x": POS}, {"axes": _i64(1, -1)}, 18)
+       for op in ("ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSumExp",
+                  "ReduceMax", "ReduceMean")},
+    "reduce_noop_empty_axes": (n("ReduceMin", ["x", "axes"], ["y"], noop_with_empty_axes=1), {"x": X},
+                               {"axes": np.zeros(0, np.int64)}, 18),
+    **{op.lower(): (n(op, ["a", "b"], ["y"]), BOOLS, {}, 17) for op in ("And", "Or", "Xor")},
+    "not": (n("Not", ["a"], ["y"]), {"a": BOOLS["a"]}, {}, 17),
+    **{op.lower(): (n(op, ["a", "b"], ["y"]), {"a": TIES, "b": TIES[:, :, ::-1].copy()}, {}, 17)
+       for op in ("GreaterOrEqual", "LessOrEqual")},
+    **{op.lower(): (n(op, ["a", "b"], ["y"]), {"a": (X * 50).astype(np.int32), "b": (TIES * 7).astype(np.int32)},
+                    {}, 18) for op in ("BitwiseAnd", "BitwiseOr", "BitwiseXor")},
+    "bitwise_not": (n("BitwiseNot", ["a"], ["y"]), {"a": (X * 50).astype(np.int32)}, {}, 18),
+    **{op.lower(): (n(op, ["x"], ["y"]), {"x": SPECIAL}, {}, 20) for op in ("Sign", "Round", "IsNaN")},
+    "isinf": (n("IsInf", ["x"], ["y"]), {"x": SPECIAL}, {}, 20),
+    "isinf_positive": (n("IsInf", ["x"], ["y"], detect_negative=0), {"x": SPECIAL}, {}, 20),
+    **{op.lower(): (n(op, ["x"], ["y"]), {"x": UNIT}, {}, 17)
+       for op in ("Sin", "Cos", "Tan", "Asin", "Acos", "Atan", "Sinh", "Cosh", "Asinh", "Atanh", "Softsign",
+                  "Selu")},
+    "mish": (n("Mish", ["x"], ["y"]), {"x": X}, {}, 18),
+    "celu": (n("Celu", ["x"], ["y"], alpha=0.7), {"x": X}, {}, 17),
+    "thresholded_relu": (n("ThresholdedRelu", ["x"], ["y"], alpha=0.3), {"x": X}, {}, 17),
+    "shrink": (n("Shrink", ["x"], ["y"], bias=0.1, lambd=0.4), {"x": X}, {}, 17),
+    "instance_norm": (n("InstanceNormalization", ["x", "s", "b"], ["y"], epsilon=1e-3), {"x": X},
+                      {"s": _rand(3, seed=4), "b": _rand(3, seed=5)}, 17),
+    "group_norm_18": (n("GroupNormalization", ["x", "s", "b"], ["y"], num_groups=4), {"x": IMG},
+                      {"s": _rand(4, seed=4), "b": _rand(4, seed=5)}, 18),
+    "group_norm_21": (n("GroupNormalization", ["x", "s", "b"], ["y"], num_groups=2), {"x": IMG},
+                      {"s": _rand(8, seed=4), "b": _rand(8, seed=5)}, 21),
+    "lrn_odd": (n("LRN", ["x"], ["y"], size=3, alpha=0.01, beta=0.6, bias=2.0), {"x": IMG}, {}, 17),
+    "depth_to_space_dcr": (n("DepthToSpace", ["x"], ["y"], blocksize=2), {"x": IMG}, {}, 17),
+    "depth_to_space_crd": (n("DepthToSpace", ["x"], ["y"], blocksize=2, mode="CRD"), {"x": IMG}, {}, 17),
+    "space_to_depth": (n("SpaceToDepth", ["x"], ["y"], blocksize=2), {"x": IMG}, {}, 17),
+    "einsum_batch_matmul": (n("Einsum", ["a", "b"], ["y"], equation="bij, bjk -> bik"),
+                            {"a": X[0], "b": X[1].transpose(0, 2, 1).copy()}, {}, 17),
+    "einsum_trace": (n("Einsum", ["a"], ["y"], equation="...ii->...i"), {"a": X[:, :, :4, :4].copy()}, {}, 17),
+    "cumsum": (n("CumSum", ["x", "axis"], ["y"]), {"x": X}, {"axis": _i64(2)}, 17),
+    "cumsum_exclusive_reverse": (n("CumSum", ["x", "axis"], ["y"], exclusive=1, reverse=1), {"x": X},
+                                 {"axis": _i64(-1)}, 17),
+    "topk": (n("TopK", ["x", "k"], ["v", "i"], axis=1), {"x": X}, {"k": _i64(2)}, 17),
+    "topk_smallest": (n("TopK", ["x", "k"], ["v", "i"], largest=0), {"x": X}, {"k": _i64(3)}, 17),
+    "gather_elements": (n("GatherElements", ["x", "i"], ["y"], axis=1), {"x": X},
+                        {"i": np.random.default_rng(1).integers(-3, 3, (2, 2, 4, 5))}, 17),
+    "gather_nd": (n("GatherND", ["x", "i"], ["y"]), {"x": X}, {"i": _i64([1, -2], [0, 1], [1, 0])}, 17),
+    "gather_nd_batch": (n("GatherND", ["x", "i"], ["y"], batch_dims=1), {"x": X},
+                        {"i": np.array([[[1, 2], [0, -1]], [[2, 3], [1, 0]]], np.int64)}, 17),
+    "scatter_nd": (n("ScatterND", ["x", "i", "u"], ["y"]), {"x": X},
+                   {"i": _i64([1, 2], [0, 0]), "u": _rand(2, 4, 5, seed=6)}, 17),
+    "scatter_nd_add": (n("ScatterND", ["x", "i", "u"], ["y"], reduction="add"), {"x": X},
+                       {"i": _i64([1], [1]), "u": _rand(2, 3, 4, 5, seed=6)}, 17),
+    **{f"scatter_elements_{r}": (n("ScatterElements", ["x", "i", "u"], ["y"], axis=2, reduction=r), {"x": X},
+                                 {"i": np.random.default_rng(2).integers(-4, 4, (2, 3, 2, 5)),
+                                  "u": _rand(2, 3, 2, 5, seed=7)}, 18) for r in ("none", "add", "mul", "max")},
+    "one_hot": (n("OneHot", ["i", "d", "v"], ["y"]), {"i": _i64([0, 3, -1], [2, -4, 1])},
+                {"d": _i64(4), "v": np.array([-1.0, 2.0], np.float32)}, 17),
+    "one_hot_axis": (n("OneHot", ["i", "d", "v"], ["y"], axis=1), {"i": _i64([0, 3, -1], [2, -4, 1])},
+                     {"d": np.array(5.0, np.float32), "v": np.array([0.0, 1.0], np.float32)}, 17),
+    "trilu_upper": (n("Trilu", ["x", "k"], ["y"]), {"x": X}, {"k": _i64(1)}, 17),
+    "trilu_lower": (n("Trilu", ["x"], ["y"], upper=0), {"x": X}, {}, 17),
+    "nonzero": (n("NonZero", ["x"], ["y"]), {"x": TIES}, {}, 17),
+    "size": (n("Size", ["x"], ["y"]), {"x": X}, {}, 17),
+    "mean": (n("Mean", ["a", "b", "c"], ["y"]), {"a": X, "b": POS, "c": TIES[:1, :1]}, {}, 17),
+    "eye_like": (n("EyeLike", ["x"], ["y"], k=1, dtype=onnx.TensorProto.INT32), {"x": X[0, 0]}, {}, 17),
+    "cast_like": (n("CastLike", ["x", "like"], ["y"]), {"x": X * 10}, {"like": _i64(1)}, 17),
+    "nms": (n("NonMaxSuppression", ["boxes", "scores", "m", "iou", "t"], ["y"]),
+            {"boxes": np.sort(np.random.default_rng(3).random((2, 30, 4)).astype(np.float32), -1),
+             "scores": np.random.default_rng(4).random((2, 3, 30)).astype(np.float32)},
+            {"m": _i64(5), "iou": np.array([0.3], np.float32), "t": np.array([0.2], np.float32)}, 17),
+    "nms_center": (n("NonMaxSuppression", ["boxes", "scores", "m", "iou"], ["y"], center_point_box=1),
+                   {"boxes": np.random.default_rng(5).random((1, 40, 4)).astype(np.float32),
+                    "scores": np.random.default_rng(6).random((1, 2, 40)).astype(np.float32)},
+                   {"m": _i64(10), "iou": np.array([0.1], np.float32)}, 17),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_long_tail_ops_match_onnxruntime(case):
+    node, feeds, inits, opset = CASES[case]
+    _check(_graph(node, feeds, inits, opset), feeds)
+
+
+SMALL = _rand(1, 2, 5, 7, seed=8)
+COORDS = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric", "half_pixel_symmetric")
+
+
+def _resize(scales=None, sizes=None, opset: int = 19, **attrs) -> tuple:
+    inits = {"roi": np.zeros(0, np.float32), "scales": np.array(scales or [], np.float32)}
+    names = ["x", "roi", "scales"]
+    if sizes is not None:
+        inits["sizes"], names = _i64(*sizes), ["x", "", "", "sizes"]
+        inits = {"sizes": inits["sizes"]}
+    return n("Resize", names, ["y"], **attrs), {"x": SMALL}, inits, opset
+
+
+RESIZES = {
+    **{f"nearest_{c}_{m}_{s}": _resize([1, 1, s, s + 0.4], coordinate_transformation_mode=c, nearest_mode=m)
+       for c in COORDS for m in ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil") for s in (0.6, 1.5, 2.0)},
+    **{f"linear_{c}_{s}": _resize([1, 1, s, s + 0.4], mode="linear", coordinate_transformation_mode=c)
+       for c in COORDS for s in (0.6, 1.5, 2.0)},
+    **{f"cubic_{c}_{e}": _resize([1, 1, 1.5, 2.0], mode="cubic", coordinate_transformation_mode=c, exclude_outside=e,
+                                 cubic_coeff_a=-0.5) for c in COORDS for e in (0, 1)},
+    "nearest_sizes": _resize(sizes=[1, 2, 9, 4]),
+    "linear_sizes_axes": (n("Resize", ["x", "", "", "sizes"], ["y"], mode="linear", axes=[3, 2]), {"x": SMALL},
+                          {"sizes": _i64(4, 9)}, 19),
+    "nearest_opset10": (n("Resize", ["x", "scales"], ["y"]), {"x": SMALL},
+                        {"scales": np.array([1, 1, 2.0, 0.6], np.float32)}, 10),
+    "linear_opset10": (n("Resize", ["x", "scales"], ["y"], mode="linear"), {"x": SMALL},
+                       {"scales": np.array([1, 1, 2.0, 1.5], np.float32)}, 10),
+    "upsample_nearest_9": (n("Upsample", ["x", "scales"], ["y"]), {"x": SMALL},
+                           {"scales": np.array([1, 1, 2.0, 3.0], np.float32)}, 9),
+    "upsample_linear_7": (n("Upsample", ["x"], ["y"], mode="linear", scales=[1.0, 1.0, 2.0, 2.0]), {"x": SMALL}, {}, 7),
+}
+
+
+@pytest.mark.parametrize("case", RESIZES)
+def test_resize_and_upsample_match_onnxruntime(case):
+    node, feeds, inits, opset = RESIZES[case]
+    _check(_graph(node, feeds, inits, opset), feeds)
