@@ -3,6 +3,7 @@
     python benchmarks/distill_results.py                  # digits samples (minutes)
     python benchmarks/distill_results.py --real           # also YOLOv8n and the MobileNetV3 classifier
     python benchmarks/distill_results.py --real --only yolov8n --steps 150
+    python benchmarks/distill_results.py --real --only mobilenetv3_cls --samples 256   # 64 held-out images
 
 Each row runs one pipeline (compression pass, then distill) through `rewriter.rewrite` and reads the report:
 the figures are the pipeline's own held-out fidelity (samples distill never saw) after the compression pass and
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -72,14 +74,16 @@ def main() -> None:
     parser.add_argument("--loss", default="kd,feat")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--patience", type=int, default=4, help="evaluations without improvement before stopping")
+    parser.add_argument("--samples", type=int, help="real models: calibration sets of N images (25 %% held out)")
     parser.add_argument("--json", type=Path, help="write per-run details (history included) here")
     args = parser.parse_args()
     distill = {"steps": args.steps, "batch": args.batch, "minutes": args.minutes, "loss": args.loss, "lr": args.lr,
                "threads": args.threads,
-               "eval_every": args.eval_every, "patience": 4}
+               "eval_every": args.eval_every, "patience": args.patience}
     runs = [(name, SAMPLES / f"{name}.onnx", SAMPLES / "digits_calib.npz", p, o) for name, p, o in SAMPLE_RUNS]
     if args.real:
-        real = real_models()
+        real = real_models(args.samples, Path(tempfile.mkdtemp(prefix="distill-calib-")) if args.samples else None)
         runs += [(name, *real[name], p, o) for name, p, o in REAL_RUNS]
     only = {n.strip() for n in args.only.split(",") if n.strip()}
     rows, details = [], []
