@@ -68,8 +68,10 @@ def blocked_layout(max_block: int) -> Any:
         block = pick_block([(c, o, g, macs) for c, o, g, macs in convs], max_block)
         if block is None:
             return mod
+        from rewriter.targets.blocked_passthrough import blocked_passthrough
+
         try:
-            return relax.transform.ConvertLayout({}, _layout_choice(block))(mod)
+            return blocked_passthrough()(relax.transform.ConvertLayout({}, _layout_choice(block))(mod))
         except Exception as exc:  # an op whose layout inference TVM gets wrong: stay in NCHW (correct, slower)
             warnings.warn(f"blocked conv layout not applied: {one_line(exc)}", stacklevel=1)
             return mod
@@ -182,7 +184,7 @@ def split_to_slices() -> Any:
             parts = [relax.op.strided_slice(data, axes=[axis], begin=[start], end=[end]) for start, end in sections]
             return relax.Tuple(parts)
 
-    return _function_pass("RewriterSplitToSlices", _Rewriter)
+    return function_pass("RewriterSplitToSlices", _Rewriter)
 
 
 def clip_to_min_max() -> Any:
@@ -212,11 +214,11 @@ def clip_to_min_max() -> Any:
             kind, data, scalar = bound
             return (relax.op.maximum if kind == "maximum" else relax.op.minimum)(data, scalar)
 
-    rewrite = _function_pass("RewriterClipToMinMax", _Rewriter)
+    rewrite = function_pass("RewriterClipToMinMax", _Rewriter)
     return tvm.transform.Sequential([rewrite, relax.transform.DeadCodeElimination()])  # the replaced kernels go
 
 
-def _function_pass(name: str, mutator: type) -> Any:
+def function_pass(name: str, mutator: type) -> Any:
     """A module pass that runs `mutator` (a relax.PyExprMutator) over every Relax function of the module."""
     import tvm
     from tvm import relax

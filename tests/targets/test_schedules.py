@@ -107,6 +107,31 @@ def test_clip_activations_keep_the_blocked_layout_and_match_onnxruntime():
     _check_against_onnxruntime(model, scheduled, target)
 
 
+def fpn_neck(mode: str, transform: str) -> onnx.ModelProto:
+    """An FPN step (DBNet, YOLO necks): a strided map upsampled by Resize and concatenated on the channel axis."""
+    node = helper.make_node
+    nodes = [
+        node("Conv", ["x", "w0", "b0"], ["c0"], pads=[1, 1, 1, 1], strides=[2, 2]), node("Relu", ["c0"], ["r0"]),
+        node("Resize", ["r0", "", "scales"], ["up"], mode=mode, coordinate_transformation_mode=transform),
+        node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        node("Concat", ["up", "c1"], ["cat"], axis=1),
+        node("Conv", ["cat", "w2", "b2"], ["y"]),
+    ]
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    inits = [_init("w0", (16, 16, 3, 3), 0.2), _init("b0", (16,)), _init("w1", (16, 16, 3, 3), 0.2),
+             _init("b1", (16,)), _init("w2", (16, 32, 1, 1)), _init("b2", (16,)), scales]
+    return make_model(nodes, [value("x", [1, 16, 16, 16])], [value("y", [1, 16, 16, 16])], inits)
+
+
+@pytest.mark.parametrize(("mode", "transform"), [("nearest", "asymmetric"), ("linear", "half_pixel")])
+def test_resize_and_concat_keep_the_blocked_layout_and_match_onnxruntime(mode, transform):
+    model = fpn_neck(mode, transform)
+    scheduled, target = _lower(model)
+    main = scheduled["main"].script(show_meta=False)
+    assert main.count("layout_transform") == 2, main  # into blocks at the input, back at the output
+    _check_against_onnxruntime(model, scheduled, target)
+
+
 def _lower(model: onnx.ModelProto):
     """Import, fuse and schedule the way build_artifact does for the x86 preset; (module, target)."""
     from rewriter.targets.lower import fuse_pipeline, import_onnx, schedule_pipeline
