@@ -95,6 +95,24 @@ def test_arm_library_matches_onnxruntime_under_qemu(arm64, tmp_path: Path) -> No
 
 
 
+@pytest.mark.parametrize("graph", ["fpn_neck", "upsampling_head", "clip_activations"])
+def test_arm_layout_rewrites_match_onnxruntime_under_qemu(arm64, tmp_path: Path, graph: str) -> None:
+    """The CPU layout rewrites (blocked resize/concat, transposed conv as 1x1 conv + shuffle, clips) on aarch64."""
+    import onnx
+
+    from tests.helpers import run_ort
+    from tests.targets import test_schedules
+
+    model = getattr(test_schedules, graph)(*(("nearest", "asymmetric") if graph == "fpn_neck" else ()))
+    onnx.save(model, tmp_path / "m.onnx")
+    result = rewrite(tmp_path / "m.onnx", target="arm", out_dir=tmp_path / "out")
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = np.random.default_rng(3).standard_normal([2, *shape[1:]]).astype(np.float32)
+    got = arm64.run(Path(result.artifacts["library"]), x)
+    ref = np.concatenate([run_ort(model, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    np.testing.assert_allclose(got.reshape(ref.shape), ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+
+
 def test_arm_library_keeps_early_exits_under_qemu(arm64, tmp_path: Path) -> None:
     """The exit pass's If nodes survive the arm build: samples that leave early and samples that run the whole
     network both give onnxruntime's answer from the aarch64 library."""

@@ -77,6 +77,19 @@ def transposed_convs() -> onnx.ModelProto:
     return make_model(nodes, [value("x", [1, 8, 5, 7])], [value("y", [1, 4, 20, 28])], inits)
 
 
+def upsampling_head() -> onnx.ModelProto:
+    """DBNet's head: transposed convs whose stride equals their kernel (each output pixel reads one input pixel)."""
+    node = helper.make_node
+    nodes = [
+        node("ConvTranspose", ["x", "w0", "b0"], ["t0"], kernel_shape=[2, 2], strides=[2, 2]),
+        node("Relu", ["t0"], ["r0"]),
+        node("ConvTranspose", ["r0", "w1", "b1"], ["t1"], kernel_shape=[2, 2], strides=[2, 2]),
+        node("Sigmoid", ["t1"], ["y"]),
+    ]
+    inits = [_init("w0", (16, 16, 2, 2)), _init("b0", (16,)), _init("w1", (16, 1, 2, 2)), _init("b1", (1,))]
+    return make_model(nodes, [value("x", [1, 16, 6, 10])], [value("y", [1, 1, 24, 40])], inits)
+
+
 def clip_activations() -> onnx.ModelProto:
     """PP-OCR (DBNet, PPLCNet) and MobileNetV3 activations between blocked convs: Clip with constant bounds
     (opset 13 inputs), HardSwish, HardSigmoid, and per-tensor affine constants of shape (1,)."""
@@ -188,14 +201,23 @@ def test_transposed_convs_match_onnxruntime():
     _check_against_onnxruntime(model, scheduled, target)
 
 
+def test_stride_equal_kernel_transposed_convs_become_1x1_convs_and_match_onnxruntime():
+    model = upsampling_head()
+    scheduled, target = _lower(model)
+    names = " ".join(_kernels(scheduled))
+    assert "conv2d_transpose" not in names and "conv2d_nchwc" in names, names  # a blocked 1x1 conv
+    _check_against_onnxruntime(model, scheduled, target)
+
+
 def test_blocked_layout_reaches_regular_depthwise_and_transposed_convs(zoo):
     _, scheduled, _ = zoo
     names = " ".join(_kernels(scheduled))
     assert names.count("dwconv2d_nchwc") == 1  # the depthwise conv
-    # With 16-channel blocks: the RGB stem, the 16->32 1x1 and the dilated 3x3. The 8->8 1x1, the
-    # grouped conv and the 12-channel conv stay NCHW (their channels are not whole blocks).
-    assert names.replace("dwconv2d_nchwc", "").count("conv2d_nchwc") == 3
-    assert "conv2d_transpose" in names
+    # With 16-channel blocks: the RGB stem, the 16->32 1x1, the dilated 3x3 and the 2x2-stride-2 transposed
+    # conv (a 1x1 conv to 4x the channels, then a pixel shuffle). The 8->8 1x1, the grouped conv and the
+    # 12-channel conv stay NCHW (their channels are not whole blocks).
+    assert names.replace("dwconv2d_nchwc", "").count("conv2d_nchwc") == 4
+    assert "conv2d_transpose" not in names
 
 
 def test_weights_are_repacked_at_compile_time(zoo):
