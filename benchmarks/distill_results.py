@@ -31,6 +31,7 @@ SAMPLE_RUNS = [
 REAL_RUNS = [
     ("yolov8n", ["prune"], {"prune": {"ratio": 0.3}}),
     ("yolov8n", ["pq"], {}),
+    ("mobilenetv3_cls", ["pq"], {}),
     ("mobilenetv3_cls", ["pq"], {"pq": {"k": 16, "block": 8}}),
     ("mobilenetv3_cls", ["binary"], {"binary": {"bases": 3}}),
 ]

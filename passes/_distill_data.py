@@ -66,16 +66,22 @@ def _shifted_crops(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def run_graph(graph: torch.nn.Module, feeds: Mapping[str, np.ndarray], keep: Sequence[str],
               batched: bool) -> dict[str, torch.Tensor]:
-    """The graph on a batch: in one run when the graph takes batches, else sample by sample, concatenated."""
+    """The graph on a batch: in one run when the graph takes batches, else sample by sample, concatenated on
+    axis 0. A tensor whose batch axis is not first (a recogniser's sequence-major [T, N, C]) is concatenated
+    there all the same: the losses then read its first axis as more positions, which is what it is."""
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
     if batched:
         return graph(tensors, keep)
-    n = len(next(iter(feeds.values())))
-    runs = [graph({k: v[i: i + 1] for k, v in tensors.items()}, keep) for i in range(n)]
-    for name, value in runs[0].items():
-        if value.dim() == 0 or value.shape[0] != 1:
-            raise ModelError(f"distill: tensor {name!r} has no batch axis of 1 ({list(value.shape)})")
-    return {name: torch.cat([r[name] for r in runs]) for name in runs[0]}
+    runs = run_samples(graph, tensors, keep)
+    return {name: torch.cat([r[name].reshape(1) if r[name].dim() == 0 else r[name] for r in runs])
+            for name in runs[0]}
+
+
+def run_samples(graph: torch.nn.Module, tensors: Mapping[str, torch.Tensor],
+                keep: Sequence[str] = ()) -> list[dict[str, torch.Tensor]]:
+    """The graph on each sample of a batch alone (batch axis 1 added back)."""
+    n = len(next(iter(tensors.values())))
+    return [graph({k: v[i: i + 1] for k, v in tensors.items()}, keep) for i in range(n)]
 
 
 def takes_batches(graph: torch.nn.Module, feeds: Mapping[str, np.ndarray], keep: Sequence[str]) -> bool:
@@ -86,7 +92,7 @@ def takes_batches(graph: torch.nn.Module, feeds: Mapping[str, np.ndarray], keep:
     with torch.no_grad():
         try:
             together = run_graph(graph, feeds, keep, batched=True)
-        except ModelError:
+        except (ModelError, RuntimeError):  # a batch of 1 baked into a Reshape the interpreter runs as written
             return False
         alone = run_graph(graph, feeds, keep, batched=False)
     for name, value in alone.items():

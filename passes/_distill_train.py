@@ -16,7 +16,7 @@ from rewriter.errors import ModelError
 from rewriter.layouts import infer_layouts
 from rewriter.pass_api import PassContext
 
-from ._distill_data import augment, per_sample, run_graph, split_fit, takes_batches
+from ._distill_data import augment, per_sample, run_graph, run_samples, split_fit, takes_batches
 from ._distill_loss import LossSetup, channel_variance
 from ._torch_graph import TorchGraph, trainable_names
 from .distill import fidelity_drop, rewritten_tensors, spread
@@ -133,6 +133,12 @@ class Trainer:
         found: dict[str, list[np.ndarray]] = {name: [] for name in self.names}
         with torch.no_grad():
             for feeds in _chunks(data, self.opts.batch):
+                if not self.batched:  # each sample's outputs as they are, whatever axis holds its batch of 1
+                    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
+                    for run in run_samples(graph, tensors):
+                        for name in self.names:
+                            found[name].append(run[name].numpy())
+                    continue
                 values = run_graph(graph, feeds, (), self.batched)
                 for name in self.names:
                     found[name] += per_sample(values[name])

@@ -210,6 +210,32 @@ def test_graph_unchanged_only_float_initializers_trained():
     assert any("codebook" in t.name for t in moved)  # gradients reach the PQ codebooks through the Gather
 
 
+def _sequence_major(scale: float) -> onnx.ModelProto:
+    """A recogniser's tail: features [1, C, T] -> [T, 1, C] (batch on axis 1, a batch of 1 baked into the
+    Reshape) -> a per-step classifier; `scale` perturbs the classifier (the student)."""
+    rng = np.random.default_rng(0)
+    n = helper.make_node
+    w = rng.standard_normal((8, 5)) * scale
+    nodes = [n("Transpose", ["x"], ["t"], perm=[2, 0, 1]), n("Reshape", ["t", "shape"], ["r"]),
+             n("MatMul", ["r", "w"], ["m"]), n("Softmax", ["m"], ["y"], axis=2)]
+    inits = [numpy_helper.from_array(np.array([6, 1, 8], np.int64), "shape"), tensor("w", w)]
+    return make_model(nodes, [value("x", [1, 8, 6])], [value("y", [6, 1, 5])], inits)
+
+
+def test_sequence_major_outputs_train_sample_by_sample():
+    """Outputs whose batch axis is not first ([T, N, classes]) are compared per sample as onnxruntime returns
+    them (this failed with 'no batch axis of 1' on a real BiLSTM recogniser)."""
+    pytest.importorskip("torch")
+    teacher, student = _sequence_major(1.0), _sequence_major(1.0)
+    student.graph.initializer[1].CopyFrom(tensor("w", numpy_helper.to_array(teacher.graph.initializer[1]) * 0.3))
+    x = np.random.default_rng(1).standard_normal((40, 8, 6)).astype(np.float32)
+    ctx = PassContext(fit=Calibration({"x": x}, None, "sequence"), seed=0, teacher=teacher, log=lambda _: None)
+    options = {"steps": 30, "eval_every": 10, "threads": 1, "lr": 3e-2, "augment": "none", "batch": 8}
+    result = make_pass("distill", options).run(student, ctx)
+    assert result.notes["val_after"]["drop"] < result.notes["val_before"]["drop"]
+    assert _graph_signature(result.model) == _graph_signature(student)
+
+
 def test_deterministic_with_the_seed(svd_mlp):
     teacher, student = svd_mlp
     options = {"steps": 4, "eval_every": 2, "threads": 1, "lr": 1e-2, "augment": "flip,crop,noise,mixup",
