@@ -22,6 +22,7 @@ def legalize_map() -> dict[str, Any]:
         "relax.nn.conv2d": _legalize_conv2d,
         "relax.nn.conv2d_transpose": _legalize_conv2d_transpose,
         "relax.sigmoid": _legalize_sigmoid,
+        "relax.nn.softmax": _legalize_softmax,
     }
 
 
@@ -71,6 +72,26 @@ def _legalize_sigmoid(bb: Any, call: Any) -> Any:
         return te.compute(x.shape, lambda *i: 1.0 / (1.0 + exp(*i)), name="rw_sigmoid")
 
     return bb.call_te(sigmoid, call.args[0], primfunc_name_hint="sigmoid")
+
+
+def _legalize_softmax(bb: Any, call: Any) -> Any:
+    """Softmax along an axis that is not the last (YOLOv8's DFL: 16 bins on axis 1 of [1, 16, 4, 8400]) as four
+    kernels (max, exp, sum, divide), each reducing or streaming along the contiguous inner axes, with the
+    vectorisable fast exp. TVM's own kernel reduces across the strided axis one position at a time and calls
+    scalar expf: a quarter of YOLOv8n's time."""
+    from tvm import topi
+    from tvm.relax.transform.legalize_ops.nn import _nn_softmax
+
+    data = call.args[0]
+    shape = data.ty.shape
+    axis = int(call.attrs.axis)
+    if shape is None or str(data.ty.dtype) != "float32" or axis % len(shape) == len(shape) - 1:
+        return _nn_softmax(bb, call)
+    axis %= len(shape)
+    peak = bb.emit_te(topi.max, data, axis=axis, keepdims=True, primfunc_name_hint="softmax_max")
+    exp = bb.emit_te(lambda x, m: topi.fast_exp(topi.subtract(x, m)), data, peak, primfunc_name_hint="softmax_exp")
+    total = bb.emit_te(topi.sum, exp, axis=axis, keepdims=True, primfunc_name_hint="softmax_sum")
+    return bb.call_te(topi.divide, exp, total, primfunc_name_hint="softmax_divide")
 
 
 def _padded(data: Any, padding: list[int]) -> Any:

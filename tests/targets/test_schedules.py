@@ -90,6 +90,23 @@ def upsampling_head() -> onnx.ModelProto:
     return make_model(nodes, [value("x", [1, 16, 6, 10])], [value("y", [1, 1, 24, 40])], inits)
 
 
+def distribution_focal_head() -> onnx.ModelProto:
+    """YOLOv8's DFL decoding: box logits [1, 64, A] -> [1, 4, 16, A] -> softmax over the 16 bins on axis 1 of
+    [1, 16, 4, A] -> expected bin by a 1x1 conv."""
+    node = helper.make_node
+    nodes = [
+        node("Conv", ["x", "w0", "b0"], ["c0"]),
+        node("Reshape", ["c0", "shape"], ["r0"]),
+        node("Transpose", ["r0"], ["t0"], perm=[0, 2, 1, 3]),
+        node("Softmax", ["t0"], ["s0"], axis=1),
+        node("Conv", ["s0", "bins"], ["y"]),
+    ]
+    inits = [_init("w0", (64, 16, 1, 1), 1.0), _init("b0", (64,)),
+             numpy_helper.from_array(np.array([1, 4, 16, 40], np.int64), "shape"),
+             numpy_helper.from_array(np.arange(16, dtype=np.float32).reshape(1, 16, 1, 1), "bins")]
+    return make_model(nodes, [value("x", [1, 16, 40, 1])], [value("y", [1, 1, 4, 40])], inits)
+
+
 def clip_activations() -> onnx.ModelProto:
     """PP-OCR (DBNet, PPLCNet) and MobileNetV3 activations between blocked convs: Clip with constant bounds
     (opset 13 inputs), HardSwish, HardSigmoid, and per-tensor affine constants of shape (1,)."""
@@ -206,6 +223,14 @@ def test_stride_equal_kernel_transposed_convs_become_1x1_convs_and_match_onnxrun
     scheduled, target = _lower(model)
     names = " ".join(_kernels(scheduled))
     assert "conv2d_transpose" not in names and "conv2d_nchwc" in names, names  # a blocked 1x1 conv
+    _check_against_onnxruntime(model, scheduled, target)
+
+
+def test_softmax_across_channels_is_split_into_streaming_kernels_and_matches_onnxruntime():
+    model = distribution_focal_head()
+    scheduled, target = _lower(model)
+    names = " ".join(_kernels(scheduled))
+    assert "softmax_max" in names and "softmax_sum" in names, names
     _check_against_onnxruntime(model, scheduled, target)
 
 
