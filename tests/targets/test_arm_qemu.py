@@ -95,9 +95,10 @@ def test_arm_library_matches_onnxruntime_under_qemu(arm64, tmp_path: Path) -> No
 
 
 
-@pytest.mark.parametrize("graph", ["fpn_neck", "upsampling_head", "clip_activations"])
+@pytest.mark.parametrize("graph", ["fpn_neck", "upsampling_head", "clip_activations", "distribution_focal_head"])
 def test_arm_layout_rewrites_match_onnxruntime_under_qemu(arm64, tmp_path: Path, graph: str) -> None:
-    """The CPU layout rewrites (blocked resize/concat, transposed conv as 1x1 conv + shuffle, clips) on aarch64."""
+    """The CPU rewrites (blocked resize/concat, transposed conv as 1x1 conv + shuffle, clips, softmax across
+    channels) on aarch64."""
     import onnx
 
     from tests.helpers import run_ort
