@@ -12,6 +12,7 @@ parallelise the fused kernels live in `schedule_rules.py`.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from rewriter.targets import conv_compute
@@ -168,24 +169,18 @@ def split_to_slices() -> Any:
     indices unchanged, which yields wrong section sizes (a 32-channel split at 16 gives a
     0-channel part); a strided slice falls back to NCHW instead, which is correct.
     """
-    import tvm
     from tvm import relax
 
-    @relax.expr_functor.mutator
-    class _Rewriter(relax.PyExprMutator):
-        def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
-            call = super().visit_call_(call)
-            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.split"):
-                return call
-            bounds = _split_bounds(call)
-            if bounds is None:
-                return call
-            sections, axis = bounds
-            data = call.args[0]
-            parts = [relax.op.strided_slice(data, axes=[axis], begin=[start], end=[end]) for start, end in sections]
-            return relax.Tuple(parts)
+    def rewrite(call: Any) -> Any:
+        bounds = _split_bounds(call)
+        if bounds is None:
+            return None
+        sections, axis = bounds
+        data = call.args[0]
+        return relax.Tuple([relax.op.strided_slice(data, axes=[axis], begin=[start], end=[end])
+                            for start, end in sections])
 
-    return function_pass("RewriterSplitToSlices", _Rewriter)
+    return op_rewrite_pass("RewriterSplitToSlices", "relax.split", rewrite)
 
 
 def transpose_conv_to_shuffle() -> Any:
@@ -197,27 +192,21 @@ def transpose_conv_to_shuffle() -> Any:
     kernel; the gather the transposed conv compiles to cannot be vectorised (DBNet's 2x2-stride-2
     upsampling head: a third of its x86 time).
     """
-    import tvm
     from tvm import relax
 
-    @relax.expr_functor.mutator
-    class _Rewriter(relax.PyExprMutator):
-        def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
-            call = super().visit_call_(call)
-            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d_transpose"):
-                return call
-            shapes = _shuffle_shapes(call)
-            if shapes is None:
-                return call
-            (batch, _, height, width), (channels, filters, kh, kw) = shapes
-            weight = relax.op.reshape(relax.op.permute_dims(call.args[1], [1, 2, 3, 0]),
-                                      [filters * kh * kw, channels, 1, 1])
-            taps = relax.op.nn.conv2d(call.args[0], weight)  # channel o*kh*kw + ky*kw + kx
-            grid = relax.op.reshape(taps, [batch, filters, kh, kw, height, width])
-            out = relax.op.permute_dims(grid, [0, 1, 4, 2, 5, 3])
-            return relax.op.reshape(out, [batch, filters, height * kh, width * kw])
+    def rewrite(call: Any) -> Any:
+        shapes = _shuffle_shapes(call)
+        if shapes is None:
+            return None
+        (batch, _, height, width), (channels, filters, kh, kw) = shapes
+        taps_first = relax.op.permute_dims(call.args[1], [1, 2, 3, 0])  # IOHW -> OHWI
+        weight = relax.op.reshape(taps_first, [filters * kh * kw, channels, 1, 1])
+        taps = relax.op.nn.conv2d(call.args[0], weight)  # channel o*kh*kw + ky*kw + kx
+        grid = relax.op.reshape(taps, [batch, filters, kh, kw, height, width])
+        out = relax.op.permute_dims(grid, [0, 1, 4, 2, 5, 3])
+        return relax.op.reshape(out, [batch, filters, height * kh, width * kw])
 
-    return function_pass("RewriterTransposeConvToShuffle", _Rewriter)
+    return op_rewrite_pass("RewriterTransposeConvToShuffle", "relax.nn.conv2d_transpose", rewrite)
 
 
 def _shuffle_shapes(call: Any) -> tuple[list[int], list[int]] | None:
@@ -266,6 +255,25 @@ def clip_to_min_max() -> Any:
 
     rewrite = function_pass("RewriterClipToMinMax", _Rewriter)
     return tvm.transform.Sequential([rewrite, relax.transform.DeadCodeElimination()])  # the replaced kernels go
+
+
+def op_rewrite_pass(name: str, op_name: str, rewrite: Callable[[Any], Any]) -> Any:
+    """A module pass that replaces each call to the Relax op `op_name` by `rewrite(call)` (kept when None)."""
+    import tvm
+    from tvm import relax
+
+    op = tvm.ir.Op.get(op_name)
+
+    @relax.expr_functor.mutator
+    class _Rewriter(relax.PyExprMutator):
+        def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
+            call = super().visit_call_(call)
+            if call.op != op:
+                return call
+            new = rewrite(call)
+            return call if new is None else new
+
+    return function_pass(name, _Rewriter)
 
 
 def function_pass(name: str, mutator: type) -> Any:

@@ -397,24 +397,12 @@ def test_ddddocr_recogniser_and_detector_match_onnxruntime(extra_models):
 
 @pytest.mark.slow
 def test_qdq_int8_smart_turn_follows_unfused_onnxruntime():
-    import importlib.util
-    import sys
-
     import onnxruntime as ort
 
-    from tests.helpers import SAMPLES
-    from tests.targets.test_quantized import _vowels
+    from tests.targets.test_quantized import smart_turn_inputs
 
-    sys.path.insert(0, str(SAMPLES))
-    from fetch_real_models import default_cache, fetch_quantised_models
-
-    paths = fetch_quantised_models(default_cache())
-    spec = importlib.util.spec_from_file_location("smart_turn_features", paths["smart_turn_features"])
-    features = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(features)
-    rng = np.random.default_rng(0)
-    xs = [features.compute_whisper_log_mel_features(_vowels(rng, rng.uniform(1.5, 8)))[None].astype(np.float32)
-          for _ in range(8)]
+    paths, features = smart_turn_inputs(8)
+    xs = [x[None] for x in features]
     model = _canonical(paths["smart_turn"], {"input_features": xs[0]})
     _assert_first_quantisations_agree(model, {"input_features": xs[0]})
     fused = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

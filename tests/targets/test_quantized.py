@@ -115,9 +115,9 @@ def _vowels(rng: np.random.Generator, seconds: float, rate: int = 16000) -> np.n
 COMPARED = 12  # Smart Turn samples run through the x86 library (with 6 the means are too noisy to compare)
 
 
-@pytest.fixture(scope="module")
-def smart_turn(tmp_path_factory):
-    """Smart Turn v3.2 as its authors ship it (QDQ int8) and features of speech-like audio through its own extractor."""
+def smart_turn_inputs(count: int) -> tuple[dict, np.ndarray]:
+    """Smart Turn v3.2's files (QDQ int8, as its authors ship it) and `count` feature arrays of speech-like audio
+    through its own extractor, [count, 80, frames] float32."""
     import importlib.util
     import sys
 
@@ -129,9 +129,16 @@ def smart_turn(tmp_path_factory):
     features = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(features)
     rng = np.random.default_rng(0)
-    x = np.stack([features.compute_whisper_log_mel_features(_vowels(rng, rng.uniform(1.5, 8))) for _ in range(12)])
+    x = [features.compute_whisper_log_mel_features(_vowels(rng, rng.uniform(1.5, 8))) for _ in range(count)]
+    return paths, np.stack(x).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def smart_turn(tmp_path_factory):
+    """Smart Turn v3.2 and a calibration file of its features."""
+    paths, x = smart_turn_inputs(12)
     calib = tmp_path_factory.mktemp("smart_turn") / "calib.npz"
-    np.savez(calib, input_features=x.astype(np.float32))
+    np.savez(calib, input_features=x)
     return paths["smart_turn"], calib
 
 
