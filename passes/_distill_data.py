@@ -69,19 +69,23 @@ def run_graph(graph: torch.nn.Module, feeds: Mapping[str, np.ndarray], keep: Seq
     """The graph on a batch: in one run when the graph takes batches, else sample by sample, concatenated on
     axis 0. A tensor whose batch axis is not first (a recogniser's sequence-major [T, N, C]) is concatenated
     there all the same: the losses then read its first axis as more positions, which is what it is."""
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
     if batched:
-        return graph(tensors, keep)
-    runs = run_samples(graph, tensors, keep)
+        return graph(_tensors(feeds), keep)
+    runs = run_samples(graph, feeds, keep)
     return {name: torch.cat([r[name].reshape(1) if r[name].dim() == 0 else r[name] for r in runs])
             for name in runs[0]}
 
 
-def run_samples(graph: torch.nn.Module, tensors: Mapping[str, torch.Tensor],
+def run_samples(graph: torch.nn.Module, feeds: Mapping[str, np.ndarray],
                 keep: Sequence[str] = ()) -> list[dict[str, torch.Tensor]]:
     """The graph on each sample of a batch alone (batch axis 1 added back)."""
+    tensors = _tensors(feeds)
     n = len(next(iter(tensors.values())))
     return [graph({k: v[i: i + 1] for k, v in tensors.items()}, keep) for i in range(n)]
+
+
+def _tensors(feeds: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
 
 
 def takes_batches(graph: torch.nn.Module, feeds: Mapping[str, np.ndarray], keep: Sequence[str]) -> bool:

@@ -134,8 +134,7 @@ class Trainer:
         with torch.no_grad():
             for feeds in _chunks(data, self.opts.batch):
                 if not self.batched:  # each sample's outputs as they are, whatever axis holds its batch of 1
-                    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
-                    for run in run_samples(graph, tensors):
+                    for run in run_samples(graph, feeds):
                         for name in self.names:
                             found[name].append(run[name].numpy())
                     continue

@@ -25,7 +25,7 @@ from onnx import helper, numpy_helper
 from rewriter.errors import ModelError
 from rewriter.graph import attributes
 
-from ._torch_ops import OPS, OPSET_OPS, REFUSED, binary, unary
+from ._torch_ops import OPS, OPSET_OPS, REFUSED, binary, torch_dtype, unary
 from ._torch_ops import ints as _ints
 from ._torch_recurrent import recurrent
 
@@ -38,10 +38,6 @@ FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 _CONFIG_INPUTS = {"Resize": {1, 2}, "Clip": {1, 2}, "Pad": {1, 2}, "BatchNormalization": {3, 4},
                   "Upsample": {1}, "ConstantOfShape": {0}, "Range": {0, 1, 2}, "Expand": {1}, "Tile": {1},
                   "QuantizeLinear": {1, 2}, "DequantizeLinear": {1, 2}}
-
-
-def _torch_dtype(onnx_type: int) -> torch.dtype:
-    return torch.from_numpy(np.zeros(0, dtype=helper.tensor_dtype_to_np_dtype(onnx_type))).dtype
 
 
 def _pads_nd(pads: Sequence[int], rank: int) -> list[int]:
@@ -409,7 +405,7 @@ class TorchGraph(torch.nn.Module):
         if op == "Constant":
             return [_constant(attrs)]
         if op == "Cast":
-            return [args[0].to(_torch_dtype(attrs["to"]))]
+            return [args[0].to(torch_dtype(attrs["to"]))]
         if op == "Split":
             return _split(attrs, *args, count=len(node.output))
         if op == "Reshape":

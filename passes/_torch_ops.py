@@ -22,7 +22,8 @@ def ints(t: torch.Tensor) -> list[int]:
     return [int(v) for v in t.reshape(-1).tolist()]
 
 
-def _text(value) -> str:
+def text(value) -> str:
+    """An ONNX string attribute (bytes) as str."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -106,7 +107,7 @@ def _gather_nd(attrs, x, index):
 
 
 def _scatter_nd(attrs, x, index, updates):
-    reduction = _text(attrs.get("reduction", b"none"))
+    reduction = text(attrs.get("reduction", b"none"))
     if reduction not in ("none", "add"):
         raise ModelError(f"distill: ScatterND reduction={reduction} is not supported (none, add are)")
     return x.index_put(_nd_index(x, index, 0), updates, accumulate=reduction == "add")
@@ -118,7 +119,7 @@ _SCATTER_REDUCE = {"mul": "prod", "max": "amax", "min": "amin"}
 def _scatter_elements(attrs, x, index, updates):
     axis = attrs.get("axis", 0) % x.dim()
     index = _wrap(index, x.shape[axis])
-    reduction = _text(attrs.get("reduction", b"none"))
+    reduction = text(attrs.get("reduction", b"none"))
     if reduction == "none":
         return torch.scatter(x, axis, index, updates)
     if reduction == "add":
@@ -141,11 +142,11 @@ def _trilu(attrs, x, k=None):
 def _eye_like(attrs, x):
     rows, cols = x.shape
     eye = torch.arange(cols)[None, :] - torch.arange(rows)[:, None] == attrs.get("k", 0)
-    dtype = _np_to_torch(attrs["dtype"]) if "dtype" in attrs else x.dtype
+    dtype = torch_dtype(attrs["dtype"]) if "dtype" in attrs else x.dtype
     return eye.to(dtype)
 
 
-def _np_to_torch(onnx_type: int) -> torch.dtype:
+def torch_dtype(onnx_type: int) -> torch.dtype:
     return torch.from_numpy(np.zeros(0, dtype=helper.tensor_dtype_to_np_dtype(onnx_type))).dtype
 
 
@@ -233,7 +234,7 @@ def _lrn(attrs, x):
 def _depth_to_space(attrs, x):
     n, c, h, w = x.shape
     bs = attrs["blocksize"]
-    if _text(attrs.get("mode", b"DCR")) == "CRD":
+    if text(attrs.get("mode", b"DCR")) == "CRD":
         x = x.reshape(n, c // bs ** 2, bs, bs, h, w).permute(0, 1, 4, 2, 5, 3)
     else:
         x = x.reshape(n, bs, bs, c // bs ** 2, h, w).permute(0, 3, 4, 1, 5, 2)
@@ -326,16 +327,16 @@ def _interpolate(x, scales: list[float] | None, sizes: list[int] | None, opts: d
 
 
 def _resize_options(attrs: dict, opset: int) -> dict:
-    mode = _text(attrs.get("mode", b"nearest"))
+    mode = text(attrs.get("mode", b"nearest"))
     if mode not in ("nearest", "linear", "cubic"):
         raise ModelError(f"distill: Resize mode={mode} is not supported")
-    if attrs.get("antialias", 0) or _text(attrs.get("keep_aspect_ratio_policy", b"stretch")) != "stretch":
+    if attrs.get("antialias", 0) or text(attrs.get("keep_aspect_ratio_policy", b"stretch")) != "stretch":
         raise ModelError("distill: Resize with antialias or keep_aspect_ratio_policy is not supported")
     old = opset < 11
     return {"mode": mode, "cubic_a": attrs.get("cubic_coeff_a", -0.75),
             "exclude_outside": attrs.get("exclude_outside", 0),
-            "coord": "asymmetric" if old else _text(attrs.get("coordinate_transformation_mode", b"half_pixel")),
-            "nearest": "simple" if old else _text(attrs.get("nearest_mode", b"round_prefer_floor"))}
+            "coord": "asymmetric" if old else text(attrs.get("coordinate_transformation_mode", b"half_pixel")),
+            "nearest": "simple" if old else text(attrs.get("nearest_mode", b"round_prefer_floor"))}
 
 
 def _full(values: list, axes, rank: int, fill) -> list:
@@ -388,7 +389,7 @@ def dequantize(attrs, x, scale, zero=None, *, opset: int):
 def quantize(attrs, x, scale, zero=None, *, opset: int):
     """saturate(round_half_even(x / scale) + zero), its integers carried in x's float dtype so that gradients pass
     (straight through the rounding) to the DequantizeLinear that reads them, as in every QDQ pair."""
-    dtype = zero.dtype if zero is not None else _np_to_torch(attrs["output_dtype"]) if "output_dtype" in attrs \
+    dtype = zero.dtype if zero is not None else torch_dtype(attrs["output_dtype"]) if "output_dtype" in attrs \
         else torch.uint8
     if dtype not in _QRANGE:
         raise ModelError(f"distill: QuantizeLinear to {dtype} is not supported (8- and 16-bit integers are)")
@@ -431,7 +432,7 @@ OPS: dict[str, Callable] = {
     "NonZero": unary(lambda x: torch.nonzero(x).t()),
     "Size": unary(lambda x: torch.tensor(x.numel(), dtype=torch.int64)),
     "Mean": lambda attrs, *xs: sum(xs) / len(xs),
-    "Einsum": lambda attrs, *xs: torch.einsum(_text(attrs["equation"]).replace(" ", ""), *xs),
+    "Einsum": lambda attrs, *xs: torch.einsum(text(attrs["equation"]).replace(" ", ""), *xs),
     "CastLike": lambda attrs, x, like: x.to(like.dtype),
     "Not": unary(torch.logical_not), "And": binary(torch.logical_and), "Or": binary(torch.logical_or),
     "Xor": binary(torch.logical_xor), "GreaterOrEqual": binary(torch.ge), "LessOrEqual": binary(torch.le),

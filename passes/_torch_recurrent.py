@@ -13,19 +13,17 @@ import torch
 
 from rewriter.errors import ModelError
 
+from ._torch_ops import text
+
 _ACTIVATIONS: dict[str, Callable] = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}
 _DEFAULTS = {"LSTM": ("sigmoid", "tanh", "tanh"), "GRU": ("sigmoid", "tanh"), "RNN": ("tanh",)}
 _GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _activations(op: str, attrs: dict, directions: int) -> list[list[Callable]]:
     """One list of activation functions per direction (the attribute lists the forward set, then the reverse)."""
     default = _DEFAULTS[op]
-    names = [_text(a).lower() for a in attrs.get("activations", [])] or list(default) * directions
+    names = [text(a).lower() for a in attrs.get("activations", [])] or list(default) * directions
     if len(names) != len(default) * directions:
         raise ModelError(f"distill: {op} has {len(names)} activations, expected {len(default) * directions}")
     unknown = sorted(set(names) - set(_ACTIVATIONS))
@@ -107,7 +105,7 @@ def recurrent(op: str, attrs: dict, x, w, r, b=None, lens=None, h0=None, c0=None
     steps, batch = x.shape[:2]
     if lens is not None and lens.numel() and bool((lens != steps).any()):
         raise ModelError(f"distill: {op} with sequence_lens shorter than the sequence ({steps}) is not supported")
-    direction = _text(attrs.get("direction", b"forward"))
+    direction = text(attrs.get("direction", b"forward"))
     directions = 2 if direction == "bidirectional" else 1
     acts = _activations(op, attrs, directions)
     hidden = r.shape[-1]
