@@ -1,0 +1,65 @@
+"""The README's check of `--passes prune,pq,distill` on models from another exporter (ddddocr's wheel): its
+CNN + BiLSTM text recogniser on 32 lines of scikit-image's scanned page, its YOLOX-style detector on 48 random
+crops of scikit-image's photographs. Prints each pass's MACs, bytes and held-out fidelity (the pipeline's own).
+
+    python benchmarks/distill_unseen.py rec            # the recogniser (a few minutes)
+    python benchmarks/distill_unseen.py det --steps 60 # the detector
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+from common import REPO
+
+sys.path.insert(0, str(REPO))
+
+from fetch_real_models import default_cache, fetch_extra_models  # noqa: E402
+
+from rewriter import rewrite  # noqa: E402
+from tests.test_other_exporters import _text_lines  # noqa: E402
+
+
+def _crops(count: int, rng: np.random.Generator) -> np.ndarray:
+    """Square crops of half to all of the short side of scikit-image's photographs, resized to 416 x 416."""
+    from PIL import Image
+    from skimage import data
+
+    images = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.immunohistochemistry(),
+              data.hubble_deep_field()]
+    out = []
+    for k in range(count):
+        image = images[k % len(images)]
+        h, w = image.shape[:2]
+        side = int(rng.integers(min(h, w) // 2, min(h, w)))
+        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = Image.fromarray(image[y:y + side, x:x + side]).convert("RGB").resize((416, 416))
+        out.append(np.asarray(crop, np.float32).transpose(2, 0, 1))
+    return np.stack(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", choices=["rec", "det"])
+    parser.add_argument("--steps", type=int, default=100)
+    args = parser.parse_args()
+    models = fetch_extra_models(default_cache())
+    if args.model == "det":
+        calib, path = {"images": _crops(48, np.random.default_rng(0))}, models["ddddocr_det"]
+    else:
+        calib, path = {"input1": _text_lines(32, 160)}, models["ddddocr_rec"]
+    options = {"distill": {"steps": args.steps, "batch": 4, "minutes": 8, "eval_every": 10}}
+    start = time.perf_counter()
+    result = rewrite(path, passes=["prune", "pq", "distill"], calib=calib, options=options)
+    for record in result.report["passes"]:
+        fid = record["fidelity"]
+        figures = {k: round(fid[k], 4) for k in ("drop", "cosine", "channel_cosine_min", "top1_agreement") if k in fid}
+        print(record["name"], "MACs", record.get("macs_after"), "bytes", record.get("bytes_after"), figures)
+    print(f"minutes {(time.perf_counter() - start) / 60:.1f}")
+
+
+if __name__ == "__main__":
+    main()
