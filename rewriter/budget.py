@@ -24,7 +24,7 @@ from .errors import GuardrailError, UsageError
 from .pass_api import PassContext
 from .pipeline import Reference, checked, run_passes
 from .progress import log
-from .sensitivity import measure_curves
+from .sensitivity import measure_curves, probe_reference
 
 METRICS = {"macs": metrics.count_macs, "params": metrics.count_params, "size": metrics.count_bytes}
 POINT_KEY = {"macs": "macs", "params": "params", "size": "bytes"}
@@ -150,11 +150,12 @@ def run_to_budget(
 ) -> tuple[onnx.ModelProto, list[dict], dict]:
     """Sensitivity, allocation and the real run; then, when the cuts together lost far more than their
     curves said, the uniform setting as a cross-check, keeping whichever result lost less."""
-    curves = {rw.name: measure_curves(rw, opts, base, ctx, reference, checked) for rw, opts in plan
-              if hasattr(rw, "budget_units")}
-    report = {"method": "sensitivity", "sensitivity": {n: {"cached": c["cached"], "path": c["path"],
-                                                          "base": c["base"], "units": c["units"]}
-                                                      for n, c in curves.items()}}
+    allocatable = [(rw, opts) for rw, opts in plan if hasattr(rw, "budget_units")]
+    probe = probe_reference(base, ctx, reference) if allocatable else reference
+    curves = {rw.name: measure_curves(rw, opts, base, ctx, probe, checked) for rw, opts in allocatable}
+    units = {n: {"cached": c["cached"], "path": c["path"], "base": c["base"], "units": c["units"]}
+             for n, c in curves.items()}
+    report = {"method": "sensitivity", "probe_samples": len(probe.held), "sensitivity": units}
     try:
         final, records = _allocated(base, plan, ctx, reference, max_drop, curves, report)
     except GuardrailError as exc:

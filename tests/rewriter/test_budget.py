@@ -119,3 +119,32 @@ def test_a_result_far_worse_than_its_curves_is_checked_against_one_uniform_setti
         assert report["passes"][0]["notes"]["rank_ratio"] != "per layer (--budget)"
     else:
         assert report["passes"][0]["notes"]["rank_ratio"] == "per layer (--budget)"
+
+
+def test_curves_are_measured_on_fit_samples_never_on_the_held_out_ones(cache, monkeypatch):
+    """Cuts chosen by the held-out figures would make the reported fidelity a selected, optimistic one."""
+    import numpy as np
+    import onnx
+
+    from rewriter.calib import load_calibration, split
+
+    probes = []
+    trial = sensitivity._trial
+
+    def spy(rewrite_, model, ctx, probe, *args):
+        probes.append((ctx.fit.inputs["input"], probe.held.inputs["input"]))
+        return trial(rewrite_, model, ctx, probe, *args)
+
+    monkeypatch.setattr(sensitivity, "_trial", spy)
+    rewrite(MLP, passes=["svd"], calib=CALIB, budget={"params": 0.5})
+    fit, held = split(load_calibration(CALIB, onnx.load(MLP)), 0.25, 0)
+    rows = {row.tobytes() for row in fit.inputs["input"]}
+    held_rows = {row.tobytes() for row in held.inputs["input"]}
+    assert probes
+    for trial_fit, probed in probes:
+        probed_rows = {row.tobytes() for row in probed}
+        assert len(probed_rows) == sensitivity.PROBE_SAMPLES and probed_rows <= rows
+        assert not probed_rows & held_rows
+        assert not probed_rows & {row.tobytes() for row in trial_fit}  # out of sample for the trial fits
+        assert len(trial_fit) == sensitivity.TRIAL_SAMPLES
+    assert np.array_equal(probes[0][1], probes[-1][1])

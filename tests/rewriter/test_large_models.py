@@ -290,18 +290,9 @@ def _check_written(out: Path) -> None:
 
 
 @pytest.mark.slow
-def test_large_model_without_passes(large, out):
-    path, calib = large
-    result = rewrite(path, calib=calib, out_dir=out)
-    assert result.report["fidelity"]["cosine"] > 1 - 1e-6
-    del result
-    _check_written(out)
-    np.testing.assert_allclose(_outputs(out / "model.onnx", calib), _outputs(path, calib),
-                               rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.slow
 def test_large_model_with_svd(large, out):
+    """One rewrite over 2 GiB (each costs about a minute here): the untouched weights travel through the external
+    data path, and the one layer svd splits keeps the model's answers (its rank is below the kept rank)."""
     path, calib = large
     result = rewrite(path, passes=["svd"], calib=calib, out_dir=out,
                      options={"svd": {"ops": "Gemm", "rank_ratio": 0.25}})  # only 'small': cheap to fit
@@ -311,4 +302,4 @@ def test_large_model_with_svd(large, out):
     _check_written(out)
     written, original = _outputs(out / "model.onnx", calib), _outputs(path, calib)
     cosine = float(np.sum(written * original) / np.linalg.norm(written) / np.linalg.norm(original))
-    assert cosine > 0.999 and abs(cosine - reported) < 1e-3, (cosine, reported)
+    assert reported > 1 - 1e-5 and cosine > 1 - 1e-5 and abs(cosine - reported) < 1e-5, (cosine, reported)
