@@ -4,23 +4,32 @@
     python benchmarks/distill_results.py --real           # also YOLOv8n and the MobileNetV3 classifier
     python benchmarks/distill_results.py --real --only yolov8n --steps 150
     python benchmarks/distill_results.py --real --only mobilenetv3_cls --samples 256   # 64 held-out images
+    python benchmarks/distill_results.py --real --only mobilenetv3_cls --compression pq --trace   # see below
 
 Each row runs one pipeline (compression pass, then distill) through `rewriter.rewrite` and reads the report:
 the figures are the pipeline's own held-out fidelity (samples distill never saw) after the compression pass and
 after distill, with the steps distill ran and its wall time. Wall time depends on the machine's load.
+
+--trace also scores the pipeline's held-out samples at each of distill's evaluations (distill itself never sees
+them and chooses its state on its own split of the fit samples): what the states it passed through would have
+kept, beside the one it chose. Tracing costs an extra run of both models on the held-out set per evaluation.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
 from pathlib import Path
 
+import onnx
 from common import SAMPLES, real_models, table
 
+import rewriter.passes._distill_train as distill_train
 from rewriter import rewrite
+from rewriter.calib import load_calibration, split
 
 # (model, passes, options of the compression passes)
 SAMPLE_RUNS = [
@@ -43,9 +52,40 @@ def _fmt(fid: dict | None, key: str, pct: bool = False) -> str:
     return f"{fid[key]:.1%}" if pct else f"{fid[key]:.3f}"
 
 
-def _row(name: str, path: Path, calib: Path, passes: list[str], options: dict, distill: dict) -> tuple[list, dict]:
+@contextlib.contextmanager
+def _held_out_trace(path: Path, calib: Path, seed: int = 0):
+    """While active, every distill evaluation also scores the pipeline's held-out samples (the same seeded split
+    rewrite() makes); yields the list the figures are appended to."""
+    _, held = split(load_calibration(calib, onnx.load(path)), 0.25, seed)
+    trainers, figures, reference = [], [], {}
+    init, score = distill_train.Trainer.__init__, distill_train.fidelity_drop
+
+    def remember(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        trainers.append(self)
+
+    def traced(names, ref, new, layouts):
+        found = score(names, ref, new, layouts)
+        trainer = trainers[-1]
+        if "outputs" not in reference:
+            reference["outputs"] = trainer._outputs(trainer.teacher, held)
+        on_held = score(names, reference["outputs"], trainer._outputs(trainer.student, held), layouts)
+        figures.append({"split": {k: found[k] for k in ("drop", "top1_agreement") if k in found},
+                        "held_out": {k: on_held[k] for k in ("drop", "top1_agreement") if k in on_held}})
+        return found
+
+    distill_train.Trainer.__init__, distill_train.fidelity_drop = remember, traced
+    try:
+        yield figures
+    finally:
+        distill_train.Trainer.__init__, distill_train.fidelity_drop = init, score
+
+
+def _row(name: str, path: Path, calib: Path, passes: list[str], options: dict, distill: dict,
+         trace: bool = False) -> tuple[list, dict]:
     start = time.perf_counter()
-    result = rewrite(path, passes=[*passes, "distill"], calib=calib, options={**options, "distill": distill})
+    with _held_out_trace(path, calib) if trace else contextlib.nullcontext([]) as figures:
+        result = rewrite(path, passes=[*passes, "distill"], calib=calib, options={**options, "distill": distill})
     records = result.report["passes"]
     before, after, notes = records[-2]["fidelity"], records[-1]["fidelity"], records[-1]["notes"]
     ratio = records[0]["bytes_before"] / max(records[-1]["bytes_after"], 1)
@@ -59,7 +99,11 @@ def _row(name: str, path: Path, calib: Path, passes: list[str], options: dict, d
               "before": {k: before.get(k) for k in ("channel_cosine_min", "cosine", "top1_agreement", "drop")},
               "after": {k: after.get(k) for k in ("channel_cosine_min", "cosine", "top1_agreement", "drop")},
               "distill_notes": {k: v for k, v in notes.items() if k != "history"}, "history": notes.get("history"),
-              "seconds_total": round(time.perf_counter() - start, 1)}
+              "seconds_total": round(time.perf_counter() - start, 1), "held_out_trace": figures}
+    if trace:  # the first evaluation is the starting model, the last the state distill kept
+        key = "top1_agreement" if all("top1_agreement" in f["held_out"] for f in figures) else "drop"
+        print(f"{name} held-out {key} at each distill evaluation: "
+              + " ".join(f"{f['held_out'][key]:.3f}" for f in figures), flush=True)
     return row, detail
 
 
@@ -78,6 +122,7 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=4, help="evaluations without improvement before stopping")
     parser.add_argument("--samples", type=int, help="real models: calibration sets of N images (25 %% held out)")
     parser.add_argument("--json", type=Path, help="write per-run details (history included) here")
+    parser.add_argument("--trace", action="store_true", help="also score the held-out samples at every evaluation")
     args = parser.parse_args()
     distill = {"steps": args.steps, "batch": args.batch, "minutes": args.minutes, "loss": args.loss, "lr": args.lr,
                "threads": args.threads,
@@ -91,7 +136,7 @@ def main() -> None:
     for name, path, calib, passes, options in runs:
         if only and name not in only or args.compression and passes[0] not in args.compression.split(","):
             continue
-        row, detail = _row(name, path, calib, passes, options, distill)
+        row, detail = _row(name, path, calib, passes, options, distill, args.trace)
         rows.append(row)
         details.append(detail)
         print(table(HEADER, [row]).splitlines()[-1], flush=True)
