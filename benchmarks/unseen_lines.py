@@ -14,6 +14,7 @@ the one on the unseen lines, with labelled accuracy before and after.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -56,12 +57,14 @@ def run(seed: int, passes: list[str], options: dict, budget: dict | None, folder
     check_x, check_y = _images([sources[i] for i in order[FIT_SOURCES:]], 128, rng)
     calib = folder / f"fit_{seed}.npz"
     np.savez(calib, x=fit_x, labels=fit_y)
-    model = str(fetch.fetch_models(fetch.default_cache())["mobilenetv3_cls"])
-    report = rewrite(model, passes=passes, calib=calib, options=options, budget=budget, seed=seed)
-    before, after = _scores(model, check_x).argmax(1), _scores(report.model, check_x).argmax(1)
-    return {"seed": seed, "macs": round(report.report["output"]["macs"] / report.report["input"]["macs"], 3),
-            "bytes": report.report["output"]["bytes"],
-            "pipeline_held_out_top1": report.report["fidelity"].get("top1_agreement"),
+    with contextlib.redirect_stdout(sys.stderr):  # the fetch log must not mix into the results
+        model = str(fetch.fetch_models(fetch.default_cache())["mobilenetv3_cls"])
+    result = rewrite(model, passes=passes, calib=calib, options=options, budget=budget, seed=seed)
+    report = result.report
+    before, after = _scores(model, check_x).argmax(1), _scores(result.model, check_x).argmax(1)
+    return {"seed": seed, "macs": round(report["output"]["macs"] / report["input"]["macs"], 3),
+            "bytes": report["output"]["bytes"],
+            "pipeline_held_out_top1": report["fidelity"].get("top1_agreement"),
             "unseen_lines_top1": float(np.mean(before == after)), "unseen_images": len(check_x),
             "accuracy_before": float(np.mean(before == check_y)), "accuracy_after": float(np.mean(after == check_y))}
 
