@@ -34,14 +34,6 @@ from rewriter.loading import serialize  # noqa: E402
 FIT_SOURCES = 14
 
 
-def _images(lines: list, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """`count` lines (each source once, then random spans), upright (label 0) and turned (label 1)."""
-    picked = [lines[k] if k < len(lines) else fetch._sub_window(lines[k % len(lines)], rng) for k in range(count)]
-    upright = [fetch.cls_input(line) for line in picked]
-    turned = [fetch.cls_input(line.rotate(180)) for line in picked]
-    return np.stack(upright + turned), np.array([0] * count + [1] * count)
-
-
 def _scores(model, x: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(model if isinstance(model, str) else serialize(model),
                                    providers=["CPUExecutionProvider"])
@@ -53,8 +45,8 @@ def run(seed: int, passes: list[str], options: dict, budget: dict | None, folder
     sources = fetch.text_lines(fetch._skimage_image("page.png"))
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(sources))
-    fit_x, fit_y = _images([sources[i] for i in order[:FIT_SOURCES]], 256, rng)
-    check_x, check_y = _images([sources[i] for i in order[FIT_SOURCES:]], 128, rng)
+    fit_x, fit_y = fetch.direction_set([sources[i] for i in order[:FIT_SOURCES]], 256, rng)
+    check_x, check_y = fetch.direction_set([sources[i] for i in order[FIT_SOURCES:]], 128, rng)
     calib = folder / f"fit_{seed}.npz"
     np.savez(calib, x=fit_x, labels=fit_y)
     with contextlib.redirect_stdout(sys.stderr):  # the fetch log must not mix into the results

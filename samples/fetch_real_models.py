@@ -279,19 +279,19 @@ def cls_input(line: Image.Image) -> np.ndarray:
     return out
 
 
+def direction_set(lines: list[Image.Image], count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """`count` lines (every one of `lines` once, then random word spans of them) upright (label 0 = '0'), then the
+    same turned 180 degrees (label 1 = '180'): classifier inputs and labels."""
+    picked = [lines[k] if k < len(lines) else _sub_window(lines[k % len(lines)], rng) for k in range(count)]
+    x = np.stack([cls_input(ln) for ln in picked] + [cls_input(ln.rotate(180)) for ln in picked])
+    return x, np.array([0] * count + [1] * count, dtype=np.int64)
+
+
 def cls_calib(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """n/2 text lines upright (label 0 = '0') and the same turned 180 degrees (label 1 = '180')."""
+    """n/2 text lines upright and the same turned 180 degrees, cut from skimage's page.png."""
     # skimage's text.png (handwriting on ruled paper, in perspective) gives no clean lines
-    base = text_lines(_skimage_image("page.png"))
-    count = (n + 1) // 2
-    # every line once, then random word spans of them
-    lines = [base[k] if k < len(base) else _sub_window(base[k % len(base)], rng)
-             for k in range(count)]
-    upright = [cls_input(ln) for ln in lines]
-    turned = [cls_input(ln.rotate(180)) for ln in lines]
-    x = np.stack(upright + turned)[:n]
-    labels = np.array([0] * count + [1] * count, dtype=np.int64)[:n]
-    return {"x": x, "labels": labels}
+    x, labels = direction_set(text_lines(_skimage_image("page.png")), (n + 1) // 2, rng)
+    return {"x": x[:n], "labels": labels[:n]}
 
 
 def build_calibration(cache_dir: Path, n: int | None = None) -> dict[str, Path]:
