@@ -4,6 +4,7 @@
     python benchmarks/prune_results.py --real          # also YOLOv8n, MobileNetV3, DBNet
     python benchmarks/prune_results.py --models yolov8n --no-peer
     python benchmarks/prune_results.py --models mobilenetv3_cls --samples 256   # a larger calibration set
+    python benchmarks/prune_results.py --models digits_resnet --seed 3 --holdout 0.5 --no-peer   # another split
 
 Rows: MACs and params relative to the canonical model, onnxruntime latency before/after (full graph optimisation,
 2 threads, the two models timed in alternating blocks, fastest block each), and fidelity on the same held-out
@@ -93,7 +94,7 @@ def paired_latency_ms(before: onnx.ModelProto, after: onnx.ModelProto, feed: dic
 
 def _fidelity_cells(fid: dict) -> list[str]:
     top1 = f"{fid['top1_agreement']:.3f}" if "top1_agreement" in fid else "–"
-    acc = f"{fid['accuracy_after']:.3f}" if "accuracy_after" in fid else "–"
+    acc = f"{fid['accuracy_before']:.3f} → {fid['accuracy_after']:.3f}" if "accuracy_after" in fid else "–"
     return [f"{fid['channel_cosine_min']:.3f}", top1, acc]
 
 
@@ -122,12 +123,14 @@ def _peer_models(base: onnx.ModelProto, fit, target_macs: int, shapes: dict) -> 
     return found
 
 
-def _rows(name: str, path: Path, calib: Path, peer: bool, timing: bool, round_to: int | None = None) -> list[list]:
+def _rows(name: str, path: Path, calib: Path, peer: bool, timing: bool, round_to: int | None = None,
+          seed: int = 0, holdout: float = 0.25) -> list[list]:
     options, budget = CONFIGS[name]
     if round_to is not None:
         options = {**options, "round_to": round_to}
     start = time.perf_counter()
-    ours = rewrite(path, passes=["prune"], calib=calib, options={"prune": options}, budget=budget)
+    ours = rewrite(path, passes=["prune"], calib=calib, options={"prune": options}, budget=budget, seed=seed,
+                   holdout=holdout)
     seconds = time.perf_counter() - start
     report = ours.report
     shapes = report["input_shapes"]
@@ -152,7 +155,7 @@ def _rows(name: str, path: Path, calib: Path, peer: bool, timing: bool, round_to
     rows = [row("prune (LASSO + LS)", label, ours.model, report["fidelity"], f"{seconds:.0f}")]
     if peer:
         original = onnx.load(path)
-        fit, held = split(load_calibration(calib, original), 0.25, 0)
+        fit, held = split(load_calibration(calib, original), holdout, seed)
         reference = Reference.build(original, base, held)
         for method, (model, sparsity) in _peer_models(base, fit, report["output"]["macs"], shapes).items():
             rows.append(row(method, f"sparsity={sparsity:.3f}", model, reference.measure(model), "–"))
@@ -166,19 +169,22 @@ def main() -> None:
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--round-to", type=int, help="prune.round_to for every model (8: what --target x86 uses)")
+    parser.add_argument("--seed", type=int, default=0, help="--seed of the rewrite: another fit/held-out split")
+    parser.add_argument("--holdout", type=float, default=0.25, help="--holdout of the rewrite (share held out)")
     parser.add_argument("--samples", type=int, help="real models: calibration sets of N images (25 %% held out)")
     args = parser.parse_args()
     only = [m for m in args.models.split(",") if m] or None
     rows = []
     with tempfile.TemporaryDirectory(prefix="prune-bench-") as folder:
         for name, (path, calib) in _models(args.real, only, args.samples, Path(folder)).items():
-            rows.extend(_rows(name, path, calib, not args.no_peer, not args.no_timing, args.round_to))
+            rows.extend(_rows(name, path, calib, not args.no_peer, not args.no_timing, args.round_to, args.seed,
+                              args.holdout))
             print(table(HEADER, rows[-3:]), flush=True)  # progress: each model as soon as it is done
     print("\n" + table(HEADER, rows))
 
 
 HEADER = ["model", "method", "setting", "MACs ×", "params ×", "ORT ms (2 threads)", "worst channel cos",
-          "top-1 agree", "accuracy", "fit s"]
+          "top-1 agree", "accuracy before → after", "fit s"]
 
 if __name__ == "__main__":
     main()
