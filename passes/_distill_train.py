@@ -87,7 +87,8 @@ class Trainer:
         self.keep = keep = sorted(set(mse) | set(nst))
         self.batched = takes_batches(self.student, probe, keep) and takes_batches(self.teacher, probe, keep)
         self.val_ref = self._outputs(self.teacher, self.val)
-        self.layouts = layouts = infer_layouts(self.teacher_model, self.val_ref, self.val.labels)
+        self.layouts = layouts = infer_layouts(self.teacher_model, self.val_ref, self.val.labels,
+                                                   self.ctx.output_axes)
         self.loss = self._loss_setup(layouts, mse, nst)
         before = fidelity_drop(self.names, self.val_ref, self._outputs(self.student, self.val), layouts)
         self.ctx.log(f"distill: {len(self.student.params)} float initializers trained on {len(self.train)} samples, "

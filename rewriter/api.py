@@ -149,7 +149,8 @@ def rewrite(
         reference = Reference.build(original, base, held, output_axes)
         log("fidelity read along: " + "; ".join(f"{n}: axis {lay.feature_axis} ({lay.why})"
                                                for n, lay in reference.layouts.items()))
-    ctx = PassContext(fit=fit, seed=seed, budget=budget, teacher=base, channel_multiple=spec.channel_multiple)
+    ctx = PassContext(fit=fit, seed=seed, budget=budget, teacher=base, channel_multiple=spec.channel_multiple,
+                      output_axes=output_axes)
     final, records, budget_report = _run(base, plan, ctx, reference, max_drop)
     if max_drop is None and records:
         warn_collapse(records[-1]["fidelity"])

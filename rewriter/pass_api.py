@@ -32,6 +32,9 @@ class PassContext:
     # Channel counts the build target's kernels vectorise over whole (8 float32 lanes for the x86/arm blocked
     # layout, see targets/schedules.py; 1 without a target): structural passes round kept counts to it.
     channel_multiple: int = 1
+    # --output-axis as the user gave it ({output: (axis, carries class scores or None)}): passes that read outputs
+    # themselves (distill's loss and its own held-out check) read them as the report does.
+    output_axes: Mapping[str, tuple[int, bool | None]] = field(default_factory=dict)
 
     def require_data(self, pass_name: str, why: str) -> Calibration:
         if self.fit is None:

@@ -236,6 +236,25 @@ def test_sequence_major_outputs_train_sample_by_sample():
     assert _graph_signature(result.model) == _graph_signature(student)
 
 
+def test_output_axis_given_by_the_user_is_how_distill_reads_the_output():
+    """Raw per-step logits from a MatMul carry no sign of being class scores; --output-axis NAME=2:scores says so,
+    and distill's loss (soft targets) and its held-out check (top-1 agreement) must read them that way too."""
+    pytest.importorskip("torch")
+    teacher = _sequence_major(1.0)
+    del teacher.graph.node[-1]  # no Softmax: the output is the MatMul's logits
+    teacher.graph.output[0].name = teacher.graph.node[-1].output[0] = "y"
+    student = onnx.ModelProto()
+    student.CopyFrom(teacher)
+    student.graph.initializer[1].CopyFrom(tensor("w", numpy_helper.to_array(teacher.graph.initializer[1]) * 0.3))
+    x = np.random.default_rng(1).standard_normal((40, 8, 6)).astype(np.float32)
+    options = {"steps": 2, "eval_every": 1, "threads": 1, "augment": "none", "batch": 8}
+    for axes, scored in (({}, False), ({"y": (2, True)}, True)):
+        ctx = PassContext(fit=Calibration({"x": x}, None, "sequence"), seed=0, teacher=teacher, log=lambda _: None,
+                          output_axes=axes)
+        notes = make_pass("distill", options).run(student, ctx).notes
+        assert ("top1_agreement" in notes["val_before"]) is scored
+
+
 def test_deterministic_with_the_seed(svd_mlp):
     teacher, student = svd_mlp
     options = {"steps": 4, "eval_every": 2, "threads": 1, "lr": 1e-2, "augment": "flip,crop,noise,mixup",
