@@ -294,6 +294,22 @@ def cls_calib(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     return {"x": x[:n], "labels": labels[:n]}
 
 
+def recogniser_spans(count: int, rng: np.random.Generator, height: int = 64, width: int = 160) -> np.ndarray:
+    """`count` grey word spans of page.png's text lines for a CTC recogniser ([N, 1, height, width], (x - 0.5) / 0.5):
+    every line once, squeezed, then random spans of a few words (their shape near the input's) of random lines."""
+    lines = text_lines(_skimage_image("page.png"))
+    picked = []
+    for k in range(count):
+        line = lines[k] if k < len(lines) else lines[int(rng.integers(len(lines)))]
+        if k >= len(lines):
+            w, h = line.size
+            span = min(w, int(h * width / height * rng.uniform(0.8, 1.6)))
+            x0 = int(rng.integers(0, w - span + 1))
+            line = line.crop((x0, 0, x0 + span, h))
+        picked.append(np.asarray(line.convert("L").resize((width, height), Image.BILINEAR), np.float32))
+    return ((np.stack(picked) / 255.0 - 0.5) / 0.5)[:, None]
+
+
 def build_calibration(cache_dir: Path, n: int | None = None) -> dict[str, Path]:
     """Write <cache>/<model>_calib.npz for each model; n overrides the per-model defaults."""
     cache_dir = Path(cache_dir).expanduser()
