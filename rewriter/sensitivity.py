@@ -5,8 +5,8 @@ the pass's `budget_levels`, on the canonical model, and the result is measured b
 probe samples taken from the fit set (never the held-out samples the final fidelity is reported on: cuts chosen
 by those would report a selected, optimistic figure): its drop and its MACs, parameters and bytes. The curves
 are what --budget allocates over (budget.py). They are cached on disk, keyed by the model's bytes, the pass
-and its options, the levels, the calibration data and the seed, so a model is analysed once and later runs
-(other budgets) reuse them.
+and its options, the levels, the calibration data, how the outputs are read and the seed, so a model is
+analysed once and later runs (other budgets) reuse them.
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ def cache_dir() -> Path:
 def cache_key(model: onnx.ModelProto, pass_name: str, options: Mapping, levels, ctx: PassContext, probe) -> str:
     digest = hashlib.sha256()
     digest.update(serialize(model))
-    settings = [FORMAT, pass_name, dict(options), list(levels), ctx.seed, ctx.channel_multiple]
+    # how the outputs are read (--output-axis included) decides what a drop means
+    layouts = {name: layout.as_report() for name, layout in probe.layouts.items()}
+    settings = [FORMAT, pass_name, dict(options), list(levels), ctx.seed, ctx.channel_multiple, layouts]
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for data in (ctx.fit, probe.held):
         for name in sorted(data.inputs):

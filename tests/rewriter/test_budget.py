@@ -70,6 +70,8 @@ def test_params_budget_is_met_and_second_run_reuses_the_curves(cache, monkeypatc
     assert second.report["budget"]["allocation"] == budget["allocation"]
     with pytest.raises(AssertionError, match="redone"):  # other options are other curves
         rewrite(MLP, passes=["svd"], calib=CALIB, budget={"params": 0.5}, options={"svd": {"min_rank": 2}})
+    with pytest.raises(AssertionError, match="redone"):  # outputs read otherwise: drops mean something else
+        rewrite(MLP, passes=["svd"], calib=CALIB, budget={"params": 0.5}, output_axes={"logits": "1:features"})
 
 
 def test_unreachable_budget_names_what_is_left(cache):
