@@ -1,8 +1,8 @@
 """MetaSchedule from the rule-based schedules: trials by MAC share, the rules' schedule as the first record.
 
 - `allocate_trials`: each task gets trials in proportion to its share of the model's MACs
-  (multiply-accumulates of its reduction blocks times how often `main` calls it); kernels without
-  MACs (element-wise, layout changes) get none and keep the rule schedules.
+  (multiply-accumulates of its reduction blocks times how often `main` calls it), at most 64 a task;
+  kernels without MACs (element-wise, layout changes) get none and keep the rule schedules.
 - `seed_database`: before the search, the rule schedule of every tuned task is measured and
   committed as a tuning record, so the evolutionary search starts from it (its initial population
   takes the best measured records) and the tuned build is never slower than the untuned one.
@@ -11,6 +11,10 @@
 from __future__ import annotations
 
 from typing import Any
+
+# Trials one task may get however large its MAC share: past a few generations of the evolutionary search a
+# task gains little, and the acceptance's "at most 64 trials per task" is the usual MetaSchedule budget.
+MAX_TASK_TRIALS = 64
 
 
 def block_macs(func: Any) -> int:
@@ -29,15 +33,26 @@ def block_macs(func: Any) -> int:
     return total
 
 
-def allocate_trials(macs: list[int], trials: int) -> list[int]:
-    """Split `trials` over tasks by MAC share (largest remainders); tasks without MACs get 0."""
+def allocate_trials(macs: list[int], trials: int, cap: int | None = MAX_TASK_TRIALS) -> list[int]:
+    """Split `trials` over tasks by MAC share (largest remainders); tasks without MACs get 0. No task gets more
+    than `cap`: what a big task's share exceeds it by goes to the others, by their shares (water-filling), and
+    when every task is at the cap the rest of the budget is left unspent."""
     total = sum(macs)
     if total == 0 or trials <= 0:
         return [0] * len(macs)
-    exact = [trials * m / total for m in macs]
-    counts = [int(e) for e in exact]
-    order = sorted(range(len(macs)), key=lambda i: exact[i] - counts[i], reverse=True)
-    for i in order[: trials - sum(counts)]:
+    capped: set[int] = set()
+    while True:
+        free = [i for i, m in enumerate(macs) if m > 0 and i not in capped]
+        budget = trials - (cap or 0) * len(capped)
+        share = sum(macs[i] for i in free)
+        exact = {i: budget * macs[i] / share for i in free} if free and budget > 0 else {}
+        over = {i for i, e in exact.items() if cap is not None and e > cap}
+        if not over:
+            break
+        capped |= over
+    counts = [cap if i in capped else int(exact.get(i, 0)) for i in range(len(macs))]
+    order = sorted(exact, key=lambda i: exact[i] - counts[i], reverse=True)
+    for i in order[: trials - sum(counts) if exact else 0]:  # all at the cap: nothing left to place
         counts[i] += 1
     return counts
 

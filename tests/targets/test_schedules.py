@@ -299,12 +299,16 @@ def test_real_model_untuned_build_matches_onnxruntime(real, name):
     _assert_close_relative(_run(scheduled, target, [x]), run_ort(model, {input_name: x}))
 
 
-def test_trials_follow_mac_share_and_skip_kernels_without_macs():
+def test_trials_follow_mac_share_at_most_64_a_task_and_skip_kernels_without_macs():
     from rewriter.targets.tuning_seed import allocate_trials
 
     assert allocate_trials([600, 300, 100, 0], 10) == [6, 3, 1, 0]
     assert sum(allocate_trials([5, 5, 5], 64)) == 64
     assert allocate_trials([0, 0], 8) == [0, 0]
+    # no task past 64 trials however large its share: the excess goes to the others by their shares
+    assert allocate_trials([900, 50, 50], 100) == [64, 18, 18]
+    assert allocate_trials([1000, 10, 10, 10], 200) == [64, 46, 45, 45]
+    assert allocate_trials([100, 100, 0], 500) == [64, 64, 0]  # all at the cap: the rest is not spent
 
 
 def test_block_macs_counts_reduction_blocks_only():
