@@ -176,6 +176,7 @@ def tune(fused: Any, target: Any, trials: int, work_dir: str | os.PathLike, log:
         if remote is not None and target.kind.name == "llvm" and target.attrs.get("num-cores") is None:
             target = _with_device_cores(target, remote, log)
         tasks = _tunable(ms.relax_integration.extract_tasks(fused, target))
+        _import_tensor_intrinsics(log)  # TuneContext imports them; done here, in seconds instead of minutes
         database = load_database(work_dir, create=True)
         records_before = len(database)
         have = [task_has_record(database, task) for task in tasks]
@@ -370,6 +371,36 @@ class _Measure:
         if not seeded:
             raise ModelError(f"no rule schedule could be measured on {self.name}: {errors[0]}")
         return seeded
+
+
+def _import_tensor_intrinsics(log: Log | None = None) -> None:
+    """Import tvm.s_tir.tensor_intrin (which MetaSchedule's TuneContext imports) with a source-free
+    inspect.stack. Its modules define hundreds of TVMScript functions, each of which calls inspect.stack();
+    for every frame of a file that is not on disk (<frozen importlib._bootstrap>, <ast>) that scans all of
+    sys.modules, so the import took 40-50 s in the CLI and 3 minutes under pytest. TVMScript reads from
+    the stack only frames and locals, and the source line of a frame (to tell a method of an
+    @I.ir_module class), which none of these module-level functions is."""
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+    import inspect
+    import time
+
+    def frames(context: int = 1) -> list[inspect.FrameInfo]:
+        found, frame = [], sys._getframe(1)
+        while frame is not None:
+            found.append(inspect.FrameInfo(frame, frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name,
+                                           None, None))
+            frame = frame.f_back
+        return found
+
+    start, stack = time.perf_counter(), inspect.stack
+    inspect.stack = frames
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    finally:
+        inspect.stack = stack
+    if log:
+        log(f"tuning: TVM's tensor intrinsics registered ({time.perf_counter() - start:.1f} s)")
 
 
 def _strategy() -> Any:

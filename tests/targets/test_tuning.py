@@ -197,3 +197,26 @@ def test_cli_mistyped_db_without_trials_exits_2(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and not out.exists()
     assert err[-1].startswith("rewrite: error: tuning database") and "does not exist" in err[-1]
+
+
+def test_tensor_intrinsics_are_registered_by_the_fast_import_and_inspect_is_restored() -> None:
+    """tuning imports TVM's tensor intrinsics with a source-free inspect.stack (the plain import scans
+    sys.modules for every TVMScript function); in a fresh process the intrinsics must be registered just as
+    the plain import registers them, and inspect.stack be the standard one afterwards."""
+    import subprocess
+    import sys
+
+    script = (
+        "import inspect, sys\n"
+        "stack = inspect.stack\n"
+        "from rewriter.targets.tuning import _import_tensor_intrinsics\n"
+        "_import_tensor_intrinsics()\n"
+        "from tvm.s_tir import TensorIntrin\n"
+        "assert inspect.stack is stack\n"
+        "for name in ('dot_16x4_vnni', 'dot_4x4_i8i8s32_neon', 'wmma_sync_16x16x16_f16f16f32'):\n"
+        "    assert TensorIntrin.get(name) is not None, name\n"
+        "print('registered', 'tvm.s_tir.tensor_intrin.cuda' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "registered True"
