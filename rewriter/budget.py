@@ -3,9 +3,11 @@ with the least fidelity lost (AIMET's greedy compression-ratio selection over pe
 in the spirit of AMC's per-layer search).
 
 The curves (sensitivity.py) say, for each unit of each allocatable pass, the drop and the savings at each
-level. The allocation greedily takes the cut with the least added error (the output's relative L2 error,
-which compounds about linearly over cuts, where the guardrail's drop is nearly flat for small cuts and then
-jumps) per unit of saving until the estimated savings meet the budget; the real passes then run with those
+level. The allocation greedily takes the cut with the least added error per unit of saving until the
+estimated savings meet the budget. The error is the output's squared relative L2 error: errors of separate
+cuts are close to independent, so their energies add (the guardrail's drop is nearly flat for small cuts
+and then jumps, and the plain L2 error grows sublinearly with a cut's depth, which made one deep cut look
+cheaper per saving than several light ones); the real passes then run with those
 settings and the result is measured. Units interact (a layer pruned and then split saves less than the two
 curves add up to), so when the result misses the budget the allocation is asked for correspondingly more, a
 few rounds at most; when it loses far more than the curves said, one uniform setting is tried as well and
@@ -69,7 +71,7 @@ class Step:
     unit: str
     level: float
     drop: float
-    cost: float  # what the allocation minimises: the output's relative error, which compounds about linearly
+    cost: float  # what the allocation minimises: the output's squared relative error, additive over cuts
     savings: Mapping[str, float]
     touches: frozenset[str]
 
@@ -82,7 +84,7 @@ def _steps(curves: Mapping[str, dict]) -> dict[tuple[str, str], list[Step]]:
         for unit, points in curve["units"].items():
             touches = frozenset(curve["touches"].get(unit, [unit]))
             steps = [Step(name, unit, p["level"], max(p["drop"] - base["drop"], 0.0),
-                          max(p["rel_l2"] - base["rel_l2"], 0.0),
+                          max(p["rel_l2"] ** 2 - base["rel_l2"] ** 2, 0.0),
                           {k: base[POINT_KEY[k]] - p[POINT_KEY[k]] for k in METRICS}, touches)
                      for p in points if "error" not in p]
             if steps:
@@ -202,9 +204,11 @@ def _allocated(base, plan, ctx: PassContext, reference, max_drop, curves, report
         if report["met"]:
             return final, records
         for k in budget:
-            real = base_totals[k] * (1.0 - report["achieved"][k])  # the saving the run reached
+            real = max(base_totals[k] * (1.0 - report["achieved"][k]), 1e-9 * base_totals[k])  # what the run saved
             if real < need[k]:
-                ask[k] = ask[k] * need[k] / max(real, 1e-9 * base_totals[k]) * 1.02
+                # The curves add up savings of cuts that overlap (a layer losing input and output channels), so
+                # scale by how far they overstated this allocation's saving, not only by what was asked.
+                ask[k] = max(ask[k] * need[k] / real, need[k] * estimate["saved"][k] / real) * 1.02
         if all(ask[k] > base_totals[k] for k in ask):
             break
     log(f"warning: --budget not met after {report['rounds']} round(s): "
