@@ -77,6 +77,22 @@ def run_ort(model: onnx.ModelProto | str | Path, feeds: dict[str, np.ndarray]) -
     return sess.run(None, feeds)
 
 
+def run_library(path: str | Path, x: np.ndarray) -> np.ndarray:
+    """The first output of a library built by a CPU target (Relax VM) on one input."""
+    import tvm
+
+    vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x)))
+    return out.numpy() if hasattr(out, "numpy") else out[0].numpy()
+
+
+def assert_library_matches_onnxruntime(library: str | Path, model: str | Path, name: str, x: np.ndarray) -> None:
+    """Sample by sample (batch 1): the library's first output is onnxruntime's on `model` (1e-4 relative)."""
+    for i in range(len(x)):
+        expected = run_ort(model, {name: x[i : i + 1]})[0]
+        np.testing.assert_allclose(run_library(library, x[i : i + 1]), expected, rtol=1e-4, atol=1e-5)
+
+
 def assert_outputs_close(a, b, rtol: float = 1e-4, atol: float = 1e-5) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):

@@ -8,7 +8,7 @@ import pytest
 from rewriter import rewrite
 from rewriter.errors import GuardrailError
 from rewriter.registry import available_passes
-from tests.helpers import CALIB, SAMPLES, run_ort
+from tests.helpers import CALIB, SAMPLES, assert_library_matches_onnxruntime
 
 pytestmark = pytest.mark.slow
 RESNET = SAMPLES / "digits_resnet.onnx"
@@ -20,7 +20,7 @@ def _accuracy_lost(report: dict) -> float:
 
 
 def test_pq_resnet_is_8x_smaller_keeps_accuracy_and_builds_small(tmp_path):
-    tvm = pytest.importorskip("tvm")
+    pytest.importorskip("tvm")
     result = rewrite(RESNET, passes=["pq"], calib=CALIB, target="x86", out_dir=tmp_path / "out")
     report, notes = result.report, result.report["passes"][0]["notes"]
     model_bytes = result.artifacts["model"].stat().st_size
@@ -30,12 +30,7 @@ def test_pq_resnet_is_8x_smaller_keeps_accuracy_and_builds_small(tmp_path):
     # The library keeps the codes, not dense float32 weights (those alone would take ~600 kB).
     assert result.artifacts["library"].stat().st_size < 600_000
     x = np.load(CALIB)["input"][:2]
-    vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(str(result.artifacts["library"])), tvm.cpu())
-    for i in range(len(x)):
-        expected = run_ort(result.artifacts["model"], {"input": x[i : i + 1]})[0]
-        got = vm["main"](tvm.runtime.tensor(x[i : i + 1]))
-        got = got.numpy() if hasattr(got, "numpy") else got[0].numpy()
-        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    assert_library_matches_onnxruntime(result.artifacts["library"], result.artifacts["model"], "input", x)
 
 
 def test_binary_resnet_one_basis_and_three_bases():
