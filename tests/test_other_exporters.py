@@ -24,13 +24,11 @@ def models():
 
 
 def _text_lines(count: int, width: int) -> np.ndarray:
-    """Grey text-line crops from scikit-image's scanned page, scaled to the recogniser's 64-pixel height."""
-    from PIL import Image
-    from skimage import data
+    """Grey text-line crops of scikit-image's page.png at the recogniser's 64-pixel height (its text lines, then
+    word spans of them)."""
+    from fetch_real_models import recogniser_spans
 
-    page = Image.fromarray(data.text()).convert("L")
-    lines = [page.crop((0, 15 * k, 450, 15 * k + 80)).resize((width, 64)) for k in range(count)]
-    return np.stack([(np.asarray(line, np.float32) / 255.0 - 0.5) / 0.5 for line in lines])[:, None]
+    return recogniser_spans(count, np.random.default_rng(0), width=width)
 
 
 def test_lstm_recogniser_builds_for_x86_and_matches_onnxruntime(models, tmp_path):
