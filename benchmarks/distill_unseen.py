@@ -5,6 +5,7 @@ held-out fidelity (the pipeline's own).
 
     python benchmarks/distill_unseen.py rec            # the recogniser (a few minutes)
     python benchmarks/distill_unseen.py det --steps 60 # the detector
+    python benchmarks/distill_unseen.py rec --passes prune --budget macs=0.704   # per-group prune to a budget
 """
 
 from __future__ import annotations
@@ -46,7 +47,13 @@ def main() -> None:
     parser.add_argument("model", choices=["rec", "det"])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--samples", type=int, default=64, help="recogniser: word spans in the calibration set")
+    parser.add_argument("--passes", default="prune,pq,distill")
+    parser.add_argument("--budget", help="KEY=VALUE, e.g. macs=0.704: --budget of the rewrite")
     args = parser.parse_args()
+    budget = None
+    if args.budget:
+        key, value = args.budget.split("=")
+        budget = {key: float(value)}
     models = fetch_extra_models(default_cache())
     if args.model == "det":
         calib, path = {"images": _crops(48, np.random.default_rng(0))}, models["ddddocr_det"]
@@ -56,11 +63,16 @@ def main() -> None:
     start = time.perf_counter()
     # the recogniser's [T, N, 8210] output is raw CTC logits: say so, as a user would, so that top-1 is read per step
     axes = {"387": "2:scores"} if args.model == "rec" else None
-    result = rewrite(path, passes=["prune", "pq", "distill"], calib=calib, options=options, output_axes=axes)
+    result = rewrite(path, passes=args.passes.split(","), calib=calib, options=options, output_axes=axes,
+                     budget=budget)
     for record in result.report["passes"]:
         fid = record["fidelity"]
         figures = {k: round(fid[k], 4) for k in ("drop", "cosine", "channel_cosine_min", "top1_agreement") if k in fid}
         print(record["name"], "MACs", record.get("macs_after"), "bytes", record.get("bytes_after"), figures)
+    if budget:
+        spent = result.report["budget"]
+        cuts = sorted(round(v, 2) for units in spent["allocation"].values() for v in units.values())
+        print("budget", spent["achieved"], "chosen", spent["chosen"], "cuts", cuts)
     print(f"minutes {(time.perf_counter() - start) / 60:.1f}")
 
 
