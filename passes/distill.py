@@ -42,6 +42,7 @@ class DistillPass:
     """Fine-tune the rewritten model's float initializers to match the original model."""
 
     name = "distill"
+    keeps_graph = True  # only initializer values change: --budget runs it once, after the rounds that cut
 
     def __init__(
         self,

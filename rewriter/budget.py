@@ -150,6 +150,21 @@ def run_to_budget(
     reference: Reference,
     max_drop: float | None,
 ) -> tuple[onnx.ModelProto, list[dict], dict]:
+    """The passes that decide the counts run to the budget (a few rounds, a cross-check); the trailing passes
+    that keep the graph as it is (distill: `keeps_graph`) change no MACs, parameters or bytes, so they run
+    once, on the result, not in every round."""
+    cut = len(plan)
+    while cut > 0 and getattr(plan[cut - 1][0], "keeps_graph", False):
+        cut -= 1
+    final, records, report = _run_cuts(base, plan[:cut], ctx, reference, max_drop)
+    if cut < len(plan):
+        final, recovery = run_passes(final, plan[cut:], ctx, reference, max_drop)
+        records = [*records, *recovery]
+        report.update(achieved(ctx.budget, totals(base), final))
+    return final, records, report
+
+
+def _run_cuts(base, plan, ctx: PassContext, reference: Reference, max_drop):
     """Sensitivity, allocation and the real run; then, when the cuts together lost far more than their
     curves said, the uniform setting as a cross-check, keeping whichever result lost less."""
     allocatable = [(rw, opts) for rw, opts in plan if hasattr(rw, "budget_units")]

@@ -162,3 +162,27 @@ def test_curves_are_measured_on_fit_samples_never_on_the_held_out_ones(cache, mo
         assert not probed_rows & {row.tobytes() for row in trial_fit}  # out of sample for the trial fits
         assert len(trial_fit) == sensitivity.TRIAL_SAMPLES
     assert np.array_equal(probes[0][1], probes[-1][1])
+
+
+def test_distill_runs_once_on_the_budgets_result_not_in_every_round(cache, monkeypatch):
+    """distill keeps the graph (no count changes), so the rounds and the uniform cross-check run without it and
+    it runs once, on the model the budget kept."""
+    from rewriter import budget
+    from rewriter.metrics import count_macs
+    from rewriter.pass_api import PassResult
+    from rewriter.passes.distill import DistillPass
+
+    seen = []
+
+    def run(self, model, ctx):
+        seen.append(count_macs(model))
+        return PassResult(model, [], {"kept": "stub"})
+
+    monkeypatch.setattr(DistillPass, "run", run)
+    monkeypatch.setattr(budget, "SUSPECT_MARGIN", -1.0)  # the uniform cross-check runs as well
+    calib = first_samples(CALIB, 160)
+    result = rewrite(SAMPLES / "digits_resnet.onnx", passes=["svd", "distill"], calib=calib, budget={"macs": 0.5})
+    assert "probe_drops" in result.report["budget"]  # both the per-unit and the uniform cuts were made
+    assert [p["name"] for p in result.report["passes"]] == ["svd", "distill"]
+    assert seen == [result.report["output"]["macs"]]  # once, on what was kept
+    assert result.report["budget"]["met"]
