@@ -245,6 +245,24 @@ def test_blocked_layout_reaches_regular_depthwise_and_transposed_convs(zoo):
     assert "conv2d_transpose" not in names
 
 
+def test_convs_left_in_nchw_vectorise_their_output_columns(zoo):
+    """The NCHW convs (channels not whole blocks) with a bias epilogue take the vectorised inner-reduction
+    schedule, not dlight's reduction rule, which computes them one output at a time (5-10x slower)."""
+    from tvm import s_tir, tirx
+
+    _, scheduled, _ = zoo
+    found = 0
+    for gvar, func in scheduled.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc) or "nchwc" in gvar.name_hint or "conv2d" not in gvar.name_hint:
+            continue
+        sch = s_tir.Schedule(func)
+        name = "group_conv2d_nchw" if "group_conv2d" in func.script() else "conv2d_nchw"
+        innermost = sch.get(sch.get_loops(sch.get_sblock(f"{name}_update"))[-1])
+        assert innermost.kind == tirx.ForKind.VECTORIZED, gvar.name_hint
+        found += 1
+    assert found == 3  # the 8->8 1x1, the grouped conv and the 12-channel conv, each with a bias
+
+
 def test_weights_are_repacked_at_compile_time(zoo):
     """No kernel repacks a weight at run time: every weight layout_transform was folded to a constant."""
     _, scheduled, _ = zoo
