@@ -9,8 +9,10 @@ Variants: `before` = the plain zero pipeline with no schedules (TVM 0.27's untun
 targets/ did before the rules), `rules` = the untuned build (blocked layout and rule schedules),
 `tuned` = MetaSchedule from the rules for --trials trials in total. Every build runs first, each in a
 child process (tuning never overlaps timing, and its leftover threads must not share the 2 cores);
-then ORT and the artifacts are timed in alternating rounds in this one process, and the medians are
-reported (2 threads each), each also as a ratio to onnxruntime's median from the same rounds.
+then ORT and the artifacts are timed in alternating rounds, each timing in a fresh child process, and the
+medians are reported (2 threads each), each also as a ratio to onnxruntime's median from the same rounds.
+A fresh process per timing matters: once a TVM artifact has run in a process, TVM's pool threads stay and
+share the cores, and onnxruntime timed after it in that process ran YOLOv8n in 20-21 ms instead of 14-15.
 
 With --prune R a second row per model holds the model pruned at prune.ratio=R (its calibration data, the CLI's
 defaults): its ratios are to onnxruntime on the *original* model, timed in the same rounds, which is what a
@@ -115,6 +117,12 @@ def _build_before(model, artifact: Path, _trials: int, _db: str | None) -> float
     return time.perf_counter() - start
 
 
+def _in_child(function, *args, **kwargs):
+    """function(*args, **kwargs) in a fresh spawned process, so that no runtime's threads outlive it here."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args, **kwargs).result()
+
+
 def _latency_ms(artifact: Path, inputs: list[np.ndarray], budget_s: float = 1.0) -> float:
     """Median ms per call; the number of calls per repeat adapts so a slow build is not timed for minutes."""
     import time
@@ -187,8 +195,7 @@ def _row(name: str, path: Path, calib: Path, trials: int, work: Path, rounds: in
         db = str(work / f"{stem}.db") if trial_count else None
         _log(f"[{name}] building {kind}")
         try:  # build in a child process: its leftover threads must not share the cores with the timing below
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                seconds[kind] = pool.submit(builder, model, artifacts[kind], trial_count, db).result()
+            seconds[kind] = _in_child(builder, model, artifacts[kind], trial_count, db)
         except RewriterError as exc:
             _log(f"[{name}] {kind} build failed: {exc}")
             artifacts[kind], notes[kind] = None, f"failed: {exc}"
@@ -198,10 +205,10 @@ def _row(name: str, path: Path, calib: Path, trials: int, work: Path, rounds: in
     timings: dict[str, list[float]] = {"ort": [], **{kind: [] for kind in VARIANTS}}
     for round_no in range(rounds):
         _log(f"[{name}] timing round {round_no + 1}/{rounds}")
-        timings["ort"].append(ort_latency_ms(blob, feed, threads=THREADS))
+        timings["ort"].append(_in_child(ort_latency_ms, blob, feed, threads=THREADS))
         for kind in VARIANTS:
             if artifacts[kind] is not None:
-                timings[kind].append(_latency_ms(artifacts[kind], inputs))
+                timings[kind].append(_in_child(_latency_ms, artifacts[kind], inputs))
     ort_ms = statistics.median(timings["ort"])
 
     def cell(kind: str) -> str:
@@ -218,8 +225,7 @@ def _row(name: str, path: Path, calib: Path, trials: int, work: Path, rounds: in
 
 def _print_profile(name: str, model) -> None:
     """Per-kernel latency of the rules build (each fused kernel compiled and timed on its own)."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        text = pool.submit(_profile_text, model).result()
+    text = _in_child(_profile_text, model)
     print(f"\n{name}: slowest kernels of the untuned build with the rules\n\n{text}\n", flush=True)
 
 

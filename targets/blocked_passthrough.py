@@ -1,14 +1,17 @@
-"""Keep feature maps in the blocked channel layout through `resize2d` and channel `concat`.
+"""Keep feature maps in the blocked channel layout through `resize2d`, channel `concat` and channel slices.
 
 TVM 0.27's ConvertLayout has no blocked (NCHW[b]c) layout rule for `image.resize2d` ("axis swap
 only"), and a concat that meets one NCHW input takes NCHW for all. An FPN neck (DBNet, YOLO) then
 converts every upsampled map back to NCHW and forth again: in DBNet four resizes and a 96-channel
-concat at the largest scale. Both ops are exact in the blocked layout (resize works per channel;
-a concat of whole channel blocks along the block axis is the same concat), so after ConvertLayout:
+concat at the largest scale. A channel slice (YOLOv8's C2f splits, rewritten to slices by
+`schedules.split_to_slices`) falls back to NCHW the same way. These ops are exact in the blocked layout
+(resize works per channel; a concat or slice of whole channel blocks along the block axis is the same
+concat or slice), so after ConvertLayout:
 
-    resize2d(to_nchw(x))          -> to_nchw(resize2d[NCHW{b}c](x))
-    concat([to_nchw(x_i)], axis=1) -> to_nchw(concat([x_i], axis=1))
-    to_blocked(to_nchw(x))        -> x
+    resize2d(to_nchw(x))                -> to_nchw(resize2d[NCHW{b}c](x))
+    concat([to_nchw(x_i)], axis=1)       -> to_nchw(concat([x_i], axis=1))
+    strided_slice(to_nchw(x), 1, s, e)   -> to_nchw(strided_slice(x, 1, s/b, e/b))   (s, e whole blocks)
+    to_blocked(to_nchw(x))              -> x
 
 and the conversions nobody reads any more are dropped.
 """
@@ -36,19 +39,29 @@ def blocked_passthrough() -> Any:
                 return self._resize(call)
             if call.op.name == "relax.concat":
                 return self._concat(call)
+            if call.op.name == "relax.strided_slice":
+                return self._slice(call)
             if call.op.name == "relax.layout_transform":
                 return self._cancel(call)
             return call
 
         def _unblocked(self, expr: Any) -> tuple[Any, int, Any] | None:
             """(blocked tensor, block, its layout_transform call) where `expr` is to_nchw(blocked), else None."""
-            if not isinstance(expr, relax.Var):
-                return None
-            value = self.lookup_binding(expr)
+            value = self._bound_value(expr)
             if not (isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.layout_transform")):
                 return None
             block = _to_nchw_block(value.args[0], value)
             return (value.args[0], block, value) if block else None
+
+        def _bound_value(self, expr: Any) -> Any:
+            """The value bound to the variable `expr`, looking through tuple items (a split's sections)."""
+            value = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+            if isinstance(value, relax.TupleGetItem):
+                parts = self.lookup_binding(value.tuple_value) if isinstance(value.tuple_value, relax.Var) else None
+                if isinstance(parts, relax.Tuple):
+                    field = parts.fields[int(value.index)]
+                    return self.lookup_binding(field) if isinstance(field, relax.Var) else field
+            return value
 
         def _resize(self, call: relax.Call) -> relax.Expr:
             found = self._unblocked(call.args[0])
@@ -72,6 +85,16 @@ def blocked_passthrough() -> Any:
             joined = self.builder_.emit(relax.op.concat([f[0] for f in found], axis=1))
             return relax.op.layout_transform(joined, found[0][2].attrs.index_map)
 
+        def _slice(self, call: relax.Call) -> relax.Expr:
+            found = self._unblocked(call.args[0])
+            bounds = _channel_slice(call)
+            if found is None or bounds is None or bounds[0] % found[1] or bounds[1] % found[1]:
+                return call
+            data, block, to_nchw = found
+            sliced = self.builder_.emit(relax.op.strided_slice(
+                data, axes=[1], begin=[bounds[0] // block], end=[bounds[1] // block]))
+            return relax.op.layout_transform(sliced, to_nchw.attrs.index_map)
+
         def _cancel(self, call: relax.Call) -> relax.Expr:
             found = self._unblocked(call.args[0])
             if found is None or _to_blocked_block(call) != found[1]:
@@ -82,6 +105,21 @@ def blocked_passthrough() -> Any:
     # CSE first: ConvertLayout transforms a tensor read by two convs once per reader
     cse = relax.transform.EliminateCommonSubexpr()
     return tvm.transform.Sequential([cse, rewrite, relax.transform.DeadCodeElimination()])
+
+
+def _channel_slice(call: Any) -> tuple[int, int] | None:
+    """(begin, end) of a unit-stride strided_slice of a static 4-D tensor along the channel axis only."""
+    shape = _static_shape(call.args[0])
+    try:
+        axes, begin, end = ([int(v.value) for v in arg.fields] for arg in call.args[1:4])
+        strides = [int(v.value) for v in call.args[4].fields] if len(call.args) > 4 else [1]
+    except (AttributeError, TypeError):  # symbolic bounds
+        return None
+    if shape is None or len(shape) != 4 or axes not in ([1], [-3]) or strides != [1]:
+        return None
+    channels = shape[1]
+    start, stop = (max(0, min(channels, v + channels if v < 0 else v)) for v in (begin[0], end[0]))
+    return (start, stop) if start < stop else None
 
 
 def _to_nchw_block(data: Any, call: Any) -> int:

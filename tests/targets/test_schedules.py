@@ -162,6 +162,34 @@ def test_resize_and_concat_keep_the_blocked_layout_and_match_onnxruntime(mode, t
     _check_against_onnxruntime(model, scheduled, target)
 
 
+def c2f_block() -> onnx.ModelProto:
+    """YOLOv8's C2f: a conv split in two whole-block halves (Split, and a Slice with an end past the channels),
+    a bottleneck on the second half, all three concatenated on the channel axis."""
+    node = helper.make_node
+    nodes = [
+        node("Conv", ["x", "w0", "b0"], ["c0"]), node("Sigmoid", ["c0"], ["s0"]), node("Mul", ["c0", "s0"], ["a"]),
+        node("Split", ["a", "split"], ["a1", "a2"], axis=1),
+        node("Slice", ["a", "starts", "ends", "axes"], ["a3"]),  # the second half again, end clipped
+        node("Conv", ["a2", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]), node("Relu", ["c1"], ["r1"]),
+        node("Add", ["r1", "a3"], ["res"]),
+        node("Concat", ["a1", "a2", "res"], ["cat"], axis=1),
+        node("Conv", ["cat", "w2", "b2"], ["y"]),
+    ]
+    ints = lambda v, name: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    inits = [_init("w0", (32, 16, 1, 1)), _init("b0", (32,)), ints([16, 16], "split"), ints([16], "starts"),
+             ints([2**62], "ends"), ints([1], "axes"), _init("w1", (16, 16, 3, 3), 0.2), _init("b1", (16,)),
+             _init("w2", (16, 48, 1, 1)), _init("b2", (16,))]
+    return make_model(nodes, [value("x", [1, 16, 12, 12])], [value("y", [1, 16, 12, 12])], inits)
+
+
+def test_channel_splits_and_slices_of_whole_blocks_keep_the_blocked_layout_and_match_onnxruntime():
+    model = c2f_block()
+    scheduled, target = _lower(model)
+    main = scheduled["main"].script(show_meta=False)
+    assert main.count("layout_transform") == 2, main  # into blocks at the input, back at the output
+    _check_against_onnxruntime(model, scheduled, target)
+
+
 def _lower(model: onnx.ModelProto):
     """Import, fuse and schedule the way build_artifact does for the x86 preset; (module, target)."""
     from rewriter.targets.lower import fuse_pipeline, import_onnx, schedule_pipeline
