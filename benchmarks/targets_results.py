@@ -11,8 +11,8 @@ targets/ did before the rules), `rules` = the untuned build (blocked layout and 
 child process (tuning never overlaps timing, and its leftover threads must not share the 2 cores);
 then ORT and the artifacts are timed in alternating rounds, each timing in a fresh child process, and the
 medians are reported (2 threads each), each also as a ratio to onnxruntime's median from the same rounds.
-A fresh process per timing matters: once a TVM artifact has run in a process, TVM's pool threads stay and
-share the cores, and onnxruntime timed after it in that process ran YOLOv8n in 20-21 ms instead of 14-15.
+A fresh process per timing matters: once a TVM artifact has run in a process (its thread pool started there),
+onnxruntime timed after it in that process ran YOLOv8n in 20-21 ms instead of 14-15.
 
 With --prune R a second row per model holds the model pruned at prune.ratio=R (its calibration data, the CLI's
 defaults): its ratios are to onnxruntime on the *original* model, timed in the same rounds, which is what a
@@ -209,6 +209,7 @@ def _row(name: str, path: Path, calib: Path, trials: int, work: Path, rounds: in
         for kind in VARIANTS:
             if artifacts[kind] is not None:
                 timings[kind].append(_in_child(_latency_ms, artifacts[kind], inputs))
+        _log(f"[{name}] round {round_no + 1} ms: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in timings.items() if v))
     ort_ms = statistics.median(timings["ort"])
 
     def cell(kind: str) -> str:
