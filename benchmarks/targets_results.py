@@ -4,6 +4,7 @@
     python benchmarks/targets_results.py --models yolov8n --trials 0      # sample or real-model names; 0: no tuning
     python benchmarks/targets_results.py --models yolov8n --profile       # also the per-kernel latency table
     python benchmarks/targets_results.py --models yolov8n --trials 0 --prune 0.3   # + the pruned model's rows
+    python benchmarks/targets_results.py --models dbnet --trials 1500 --keep DIR --reuse  # re-time kept artifacts
 
 Variants: `before` = the plain zero pipeline with no schedules (TVM 0.27's untuned CPU build, what
 targets/ did before the rules), `rules` = the untuned build (blocked layout and rule schedules),
@@ -168,7 +169,7 @@ def _pruned_model(path: Path, calib: Path, ratio: float, round_to: int):
 
 
 def _row(name: str, path: Path, calib: Path, trials: int, work: Path, rounds: int, profile: bool,
-         prune: float | None = None, round_to: int = 1) -> list:
+         prune: float | None = None, round_to: int = 1, reuse: bool = False) -> list:
     import onnxruntime as ort
 
     _log(f"[{name}] canonicalising")
@@ -193,6 +194,10 @@ def _row(name: str, path: Path, calib: Path, trials: int, work: Path, rounds: in
             artifacts[kind], notes[kind] = None, "–"
             continue
         db = str(work / f"{stem}.db") if trial_count else None
+        if reuse and artifacts[kind].exists():  # re-time a kept artifact in a quieter spell without rebuilding it
+            _log(f"[{name}] reusing {artifacts[kind]}")
+            notes[kind] = "kept"
+            continue
         _log(f"[{name}] building {kind}")
         try:  # build in a child process: its leftover threads must not share the cores with the timing below
             seconds[kind] = _in_child(builder, model, artifacts[kind], trial_count, db)
@@ -219,7 +224,7 @@ def _row(name: str, path: Path, calib: Path, trials: int, work: Path, rounds: in
         return f"{ms:.3f} ({ms / ort_ms:.2f}×)"
 
     diffs = [f"{_max_diff(artifacts[k], inputs, reference):.1e}" if artifacts[k] else "–" for k in ("rules", "tuned")]
-    tuning = f"{(seconds['tuned'] - seconds['rules']) / 60:.1f}" if artifacts["tuned"] else "–"
+    tuning = f"{(seconds['tuned'] - seconds['rules']) / 60:.1f}" if {"tuned", "rules"} <= seconds.keys() else "–"
     return [name, f"{count_macs(model) / 1e6:.1f}M", f"{ort_ms:.3f}", cell("before"), cell("rules"), cell("tuned"),
             tuning, " / ".join(diffs)]
 
@@ -247,6 +252,8 @@ def main() -> None:
     parser.add_argument("--models", default="digits_resnet,mobilenetv3_cls", help="comma-separated model names")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (median reported)")
     parser.add_argument("--keep", help="keep the artifacts and tuning databases in this folder")
+    parser.add_argument("--reuse", action="store_true",
+                        help="re-time the artifacts already in the --keep folder instead of building them again")
     parser.add_argument("--profile", action="store_true", help="print each model's slowest kernels (rules build)")
     parser.add_argument("--prune", type=float,
                         help="also each model pruned at this prune.ratio, timed against ORT on the original")
@@ -261,10 +268,11 @@ def main() -> None:
         work = Path(args.keep or tmp)
         work.mkdir(parents=True, exist_ok=True)
         for name, (path, calib) in _model_paths([m.strip() for m in args.models.split(",") if m.strip()]).items():
-            rows.append(_row(name, path, calib, args.trials, work, args.rounds, args.profile))
+            rows.append(_row(name, path, calib, args.trials, work, args.rounds, args.profile, reuse=args.reuse))
             if args.prune is not None:
                 for round_to in args.round_to:
-                    rows.append(_row(name, path, calib, args.trials, work, args.rounds, False, args.prune, round_to))
+                    rows.append(_row(name, path, calib, args.trials, work, args.rounds, False, args.prune, round_to,
+                                     reuse=args.reuse))
     header = ["model", "MACs", "ORT ms (original model)", "TVM before rules ms (×ORT)", "TVM rules, untuned ms (×ORT)",
               f"TVM tuned from rules, {args.trials} trials ms (×ORT)", "tuning min",
               "max \\|TVM − ORT\\| (rules / tuned)"]

@@ -291,6 +291,14 @@ def test_convs_left_in_nchw_vectorise_their_output_columns(zoo):
     assert found == 3  # the 8->8 1x1, the grouped conv and the 12-channel conv, each with a bias
 
 
+def test_activation_after_batch_normalization_fuses_into_the_conv_kernel(zoo):
+    # A legalised BatchNormalization is a tuple read back by index: fusion stopped there, and the Relu after it
+    # ran as a kernel of its own until the bindings were canonicalised before fusion.
+    names = _kernels(zoo[1])
+    assert "fused_conv2d_nchwc1_subtract_divide_multiply1_add2_relu" in names, sorted(names)
+    assert not any(name.removeprefix("fused_").startswith("relu") for name in names), sorted(names)
+
+
 def test_weights_are_repacked_at_compile_time(zoo):
     """No kernel repacks a weight at run time: every weight layout_transform was folded to a constant."""
     _, scheduled, _ = zoo
