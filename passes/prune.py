@@ -59,6 +59,7 @@ class PrunePass:
         round_to: int = 0,
         positions: int = 16,
         blocks: int = 0,
+        sequential: bool = False,
     ) -> None:
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"ratio must be in [0, 1), got {ratio}")
@@ -71,6 +72,7 @@ class PrunePass:
         self.multiple = round_to or 1  # round_to=0: the build target's channel multiple, set by run()
         self.skip = {name.strip() for name in skip.split(",") if name.strip()}
         self.blocks = blocks
+        self.sequential = sequential
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         self.multiple = self.round_to or ctx.channel_multiple
@@ -113,9 +115,7 @@ class PrunePass:
         ratios = {g.key: allocation[g.key] if allocation is not None else ratio for g in candidates}
         keeps = {g.key: self._keep(g.size, ratios[g.key]) for g in candidates}
         consumers = self._consumers(cg, candidates)
-        rows = self._selection_rows(model, consumers, ctx) if self.criterion == "lasso" else {}
-        rng = np.random.default_rng(ctx.seed)
-        removed, changed = set(), []
+        todo = []
         for group in candidates:
             record = records[group.key]
             if keeps[group.key] >= group.size:
@@ -125,19 +125,57 @@ class PrunePass:
             if self.refit and unfit:  # removing channels a layer reads without refitting it costs too much
                 record["skipped"] = f"consumer(s) {', '.join(unfit)} cannot be refitted by least squares"
                 continue
-            kept, record["scoring"] = self._select(cg, group, keeps[group.key], consumers, rows, rng)
-            removed.update(a for i, unit in enumerate(group.units) if i not in set(kept) for a in unit)
-            record["size_after"] = len(kept)
-            changed.extend(m for m in group.members if m not in changed)
-        if not removed:
+            todo.append(group)
+        if not todo:
             return PassResult(model, [], {"unchanged": "no channel removed at this ratio", "groups": records})
-        pruned = remove_atoms(model, cg, removed)
-        refits = self._refit(model, pruned, cg, removed, consumers, ctx) if self.refit else {}
+        if self.sequential and self.refit and self.criterion == "lasso":
+            pruned, removed, refits = self._prune_in_order(model, cg, todo, keeps, consumers, records, ctx)
+        else:
+            removed = self._select_all(model, cg, todo, keeps, consumers, records, ctx)
+            pruned = remove_atoms(model, cg, removed)
+            refits = self._refit(model, pruned, cg, removed, consumers, ctx) if self.refit else {}
         drop_unused_initializers(pruned)  # the refits replaced the sliced weights
+        changed = list(dict.fromkeys(m for group in todo for m in group.members))
         notes = {"ratio": ratio if allocation is None else "per group (--budget)", "criterion": self.criterion,
                  "refit": self.refit, "round_to": self.multiple, "channels_removed": len(removed), "groups": records,
                  "refits": refits}
         return PassResult(pruned, changed, notes)
+
+    def _select_all(self, model, cg, groups, keeps, consumers, records, ctx) -> set:
+        """Every group's channels chosen at once on the original model's activations; the atoms that leave."""
+        rows = self._selection_rows(model, consumers, ctx) if self.criterion == "lasso" else {}
+        rng = np.random.default_rng(ctx.seed)
+        removed = set()
+        for group in groups:
+            kept, records[group.key]["scoring"] = self._select(cg, group, keeps[group.key], consumers, rows, rng)
+            removed.update(_leaving(group, kept))
+            records[group.key]["size_after"] = len(kept)
+        return removed
+
+    def _prune_in_order(self, model, cg, groups, keeps, consumers, records, ctx) -> tuple:
+        """He et al.'s order: wave by wave of consumers, each group is chosen on the inputs of the model pruned
+        and refitted so far, then its consumers are refitted. Until the final surgery a removed channel is a zero
+        weight column in every layer that reads it, which computes exactly what the pruned graph would."""
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+        reading = {c for g in groups for c in g.consumers}
+        removed, refits, pending = set(), {}, list(groups)
+        rng = np.random.default_rng(ctx.seed)
+        ctx.require_data("prune", NEEDS_DATA)
+        for wave in progress(_waves(model, [consumers[c] for c in reading]), desc="prune: select and refit"):
+            labels = {c.label for c in wave}
+            now = [g for g in pending if labels.intersection(g.consumers)]
+            pending = [g for g in pending if g not in now]
+            if now:
+                wanted = {c: consumers[c] for g in now for c in g.consumers}
+                rows = self._selection_rows(work, wanted, ctx)
+                for group in now:
+                    kept, records[group.key]["scoring"] = self._select(cg, group, keeps[group.key], consumers,
+                                                                       rows, rng)
+                    removed.update(_leaving(group, kept))
+                    records[group.key]["size_after"] = len(kept)
+            refits.update(self._refit_wave(model, work, cg, removed, wave, ctx, in_place=True))
+        return remove_atoms(work, build_channel_graph(work), removed), removed, refits
 
     def _drop_blocks(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[onnx.ModelProto, dict]:
         """Remove the `blocks` residual branches whose removal costs the least output fidelity on calibration
@@ -239,17 +277,25 @@ class PrunePass:
             results.update(self._refit_wave(original, pruned, cg, removed, wave, ctx))
         return results
 
-    def _refit_wave(self, original, pruned, cg, removed, wave: list[Consumer], ctx) -> dict:
+    def _refit_wave(self, original, pruned, cg, removed, wave: list[Consumer], ctx, in_place: bool = False) -> dict:
+        """Refit the wave's consumers in `pruned` to the original's outputs. in_place: `pruned` still has every
+        channel (sequential order); the refit reads the kept input columns only, fits every output, and writes
+        zeros where the removed input channels were."""
         view = GraphView(pruned)
         nodes = {node_label(n): n for n in pruned.graph.node}
-        starts, moments, outs = {}, {}, {}
+        starts, moments, outs, cols, rows_full = {}, {}, {}, {}, {}
         for c in wave:
             w, bias = weight_matrix(view, nodes[c.label])
+            inputs = len(w)
             if has_bias_slot(nodes[c.label]):
                 w = np.vstack([w, np.zeros((1, w.shape[1])) if bias is None else bias[None]])
-            starts[c.label] = w
-            moments[c.label] = Moments(*w.shape)
-            kept = cg.kept_positions(c.output, removed)
+            rows_full[c.label] = len(w)
+            kept_in = cg.kept_positions(c.input, removed) if in_place else None
+            cols[c.label] = None if kept_in is None else np.concatenate(
+                [c.columns(kept_in), np.arange(inputs, len(w))])  # kept input columns, then the bias row
+            starts[c.label] = w if cols[c.label] is None else w[cols[c.label]]
+            moments[c.label] = Moments(*starts[c.label].shape)
+            kept = None if in_place else cg.kept_positions(c.output, removed)
             outs[c.label] = np.arange(w.shape[1]) if kept is None else np.asarray(kept)
         rng = np.random.default_rng(ctx.seed + 1)
         seen = [0]
@@ -261,7 +307,8 @@ class PrunePass:
                 m = moments[c.label]
                 x, y = c.rows(after[c.input]), c.targets(before[c.output])[:, outs[c.label]]
                 pick = sample_positions(len(x), REFIT_POSITIONS, rng)
-                x = x[pick] if m.k == x.shape[1] else np.hstack([x[pick], np.ones((len(pick), 1))])
+                x = x[pick] if cols[c.label] is None else x[pick][:, cols[c.label][cols[c.label] < x.shape[1]]]
+                x = x if m.k == x.shape[1] else np.hstack([x, np.ones((len(pick), 1))])
                 m.add(x, y[pick], held)
             return all(sum(m.rows) >= _rows_needed(m.k) for m in moments.values()) and seen[0] >= 8
 
@@ -270,6 +317,10 @@ class PrunePass:
         results = {}
         for c in wave:
             w, info = ridge_refit(moments[c.label], starts[c.label])
+            if cols[c.label] is not None:  # back to every input column, the removed ones zero
+                full = np.zeros((rows_full[c.label], w.shape[1]))
+                full[cols[c.label]] = w
+                w = full
             node = nodes[c.label]
             if has_bias_slot(node):
                 write_weights(pruned, node, w[:-1], w[-1])
@@ -302,6 +353,12 @@ class PrunePass:
             mid = (low + high) / 2
             low, high = (low, mid) if macs_at(mid) <= budget * total else (mid, high)
         return high
+
+
+def _leaving(group: ChannelGroup, kept: np.ndarray) -> set:
+    """The atoms of the group's units that are not kept."""
+    stay = set(int(i) for i in kept)
+    return {a for i, unit in enumerate(group.units) if i not in stay for a in unit}
 
 
 def _record(group: ChannelGroup, why: str | None) -> dict:

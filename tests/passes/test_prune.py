@@ -63,12 +63,12 @@ def _depthwise(n: Net) -> tuple[str, int]:
 
 
 @pytest.mark.parametrize("build", [_residual, _concat_split, _squeeze_excite, _depthwise])
-@pytest.mark.parametrize("refit", [False, True])
-def test_dead_channels_leave_through_every_coupling_and_nothing_changes(build, refit):
+@pytest.mark.parametrize(("refit", "sequential"), [(False, False), (True, False), (True, True)])
+def test_dead_channels_leave_through_every_coupling_and_nothing_changes(build, refit, sequential):
     n = Net()
     out, c = build(n)
     model = n.model({out: [1, c, 6, 6]})
-    result = PrunePass(ratio=0.5, refit=refit).run(model, _context())
+    result = PrunePass(ratio=0.5, refit=refit, sequential=sequential).run(model, _context())
     new = checked(result.model, "prune")
     assert count_macs(new) < count_macs(model)
     used = {name for node in new.graph.node for name in node.input}
