@@ -4,6 +4,7 @@
     python benchmarks/targets_results.py --models yolov8n --trials 0      # sample or real-model names; 0: no tuning
     python benchmarks/targets_results.py --models yolov8n --profile       # also the per-kernel latency table
     python benchmarks/targets_results.py --models yolov8n --trials 0 --prune 0.3   # + the pruned model's rows
+    python benchmarks/targets_results.py --models ddddocr_det,ddddocr_rec --trials 0   # another exporter's models
     python benchmarks/targets_results.py --models dbnet --trials 1500 --keep DIR --reuse  # re-time kept artifacts
 
 Variants: `before` = the plain zero pipeline with no schedules (TVM 0.27's untuned CPU build, what
@@ -51,15 +52,35 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _model_paths(names: list[str]) -> dict[str, tuple[Path, Path]]:
+UNSEEN = ("ddddocr_det", "ddddocr_rec")  # another exporter's models, never used to write the rules
+
+
+def _unseen_model(name: str, work: Path) -> tuple[Path, Path]:
+    """ddddocr's YOLOX-style detector (a crop of scikit-image's photographs) or its CNN + BiLSTM recogniser (a word
+    span of page.png), with a one-sample calibration file written into `work`."""
+    from distill_unseen import _crops
+    from fetch_real_models import default_cache, fetch_extra_models, recogniser_spans
+
+    with contextlib.redirect_stdout(sys.stderr):
+        path = fetch_extra_models(default_cache())[name]
+    rng = np.random.default_rng(0)
+    feed = {"images": _crops(1, rng)} if name == "ddddocr_det" else {"input1": recogniser_spans(1, rng)}
+    calib = work / f"{name}_calib.npz"
+    np.savez(calib, **feed)
+    return path, calib
+
+
+def _model_paths(names: list[str], work: Path) -> dict[str, tuple[Path, Path]]:
     paths, real = {}, None
     for name in names:
         if (SAMPLES / f"{name}.onnx").exists():
             paths[name] = (SAMPLES / f"{name}.onnx", SAMPLES / "digits_calib.npz")
+        elif name in UNSEEN:
+            paths[name] = _unseen_model(name, work)
         else:
             real = real if real is not None else real_models()
             if name not in real:
-                raise SystemExit(f"unknown model {name!r}: use a samples/ name or one of {', '.join(real)}")
+                raise SystemExit(f"unknown model {name!r}: use a samples/ name or one of {', '.join([*real, *UNSEEN])}")
             paths[name] = real[name]
     return paths
 
@@ -267,7 +288,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="targets-results-") as tmp:
         work = Path(args.keep or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        for name, (path, calib) in _model_paths([m.strip() for m in args.models.split(",") if m.strip()]).items():
+        for name, (path, calib) in _model_paths([m.strip() for m in args.models.split(",") if m.strip()], work).items():
             rows.append(_row(name, path, calib, args.trials, work, args.rounds, args.profile, reuse=args.reuse))
             if args.prune is not None:
                 for round_to in args.round_to:
