@@ -190,6 +190,35 @@ def test_channel_splits_and_slices_of_whole_blocks_keep_the_blocked_layout_and_m
     _check_against_onnxruntime(model, scheduled, target)
 
 
+def matrix_products() -> onnx.ModelProto:
+    """A recogniser's head: a per-step projection (batched MatMul, whole tiles), a classifier Gemm whose 300 classes
+    are no whole tile (padded), and a one-row product as in a recurrent step."""
+    node = helper.make_node
+    nodes = [
+        node("MatMul", ["x", "w1"], ["p"]), node("Add", ["p", "b1"], ["q"]), node("Relu", ["q"], ["h"]),
+        node("Reshape", ["h", "rows"], ["flat"]),
+        node("Gemm", ["flat", "w2", "b2"], ["logits"], transB=1),
+        node("ReduceMean", ["h"], ["step"], axes=[1], keepdims=0),
+        node("MatMul", ["step", "w3"], ["state"]),
+    ]
+    inits = [_init("w1", (64, 128), 0.1), _init("b1", (128,)), numpy_helper.from_array(np.array([20, 128]), "rows"),
+             _init("w2", (300, 128), 0.1), _init("b2", (300,)), _init("w3", (128, 256), 0.1)]
+    return make_model(nodes, [value("x", [1, 20, 64])], [value("logits", [20, 300]), value("state", [1, 256])],
+                      inits, opset=17)
+
+
+def test_matrix_products_are_register_tiled_with_padded_columns_and_match_onnxruntime():
+    model = matrix_products()
+    scheduled, target = _lower(model)
+    products = {gv.name_hint: f.script() for gv, f in scheduled.functions_items()
+                if isinstance(f, tvm.tirx.PrimFunc) and "matmul" in gv.name_hint}
+    assert len(products) == 3, sorted(products)
+    assert any("strided_slice" in name for name in products), sorted(products)  # the 300 classes, padded to 320
+    for name, text in products.items():  # each accumulates in a local register tile written back once
+        assert 'scope="local"' in text and "T.vectorized" in text, name
+    _check_against_onnxruntime(model, scheduled, target)
+
+
 def _lower(model: onnx.ModelProto):
     """Import, fuse and schedule the way build_artifact does for the x86 preset; (module, target)."""
     from rewriter.targets.lower import fuse_pipeline, import_onnx, schedule_pipeline
