@@ -345,6 +345,10 @@ def test_pick_block_covers_most_macs_and_prefers_wide_blocks():
     assert pick_block(mobilenet_like, 16) == 8
     assert pick_block([(5, 7, 1, 100)], 16) is None
     assert pick_block(convs, 8) == 8
+    # YOLOX-style: a 16-block leaves the 24-channel layers (10 % of the MACs) in NCHW, which costs more than running
+    # every layer in 8-blocks
+    yolox_like = [(48, 96, 1, 540), (96, 96, 1, 361), (24, 48, 1, 63), (12, 24, 1, 36)]
+    assert pick_block(yolox_like, 16) == 8
 
 
 def test_blockable_rules():
