@@ -95,19 +95,28 @@ def schedule_blocked_conv(sch: Any, conv: Any, tile: int | None) -> None:
     xo, xi = sch.split(col, [None, tile or _divisor_up_to(width, min(MAX_TILE, MAX_ACCUMULATORS // blocks))])
     sch.reorder(batch, co, row, xo, *reduce, ci, xi, lane)
     outer = sch.fuse(batch, co, row)
-    if _block_work(sch, conv) >= MIN_PARALLEL_WORK:
+    # the input-channel lanes of one block are unrolled too, except in a depthwise conv (it has none)
+    unrolled = (xi, ci) if depthwise else (xi, ci, reduce[-1])
+    _finish_register_tile(sch, conv, write, outer=outer, write_at=xo, lane=lane, unrolled=unrolled,
+                          reduce=reduce[0])
+
+
+def _finish_register_tile(sch: Any, block: Any, write: Any, *, outer: Any, write_at: Any, lane: Any,
+                          unrolled: tuple, reduce: Any) -> None:
+    """The common tail of a register-tiled reduction: `outer` parallel when the work pays for threads, the local
+    accumulator written back under `write_at`, `lane` vectorised, the tile's loops unrolled, the init split off at
+    `reduce`, and the function's other blocks scheduled."""
+    if _block_work(sch, block) >= MIN_PARALLEL_WORK:
         sch.parallel(outer)
-    sch.reverse_compute_at(write, xo, preserve_unit_loops=True)
+    sch.reverse_compute_at(write, write_at, preserve_unit_loops=True)
     # Loop kinds first: once the init is split off, the update block is no longer a reduction block.
     sch.vectorize(lane)
-    sch.unroll(xi)
-    sch.unroll(ci)
-    if not depthwise:
-        sch.unroll(reduce[-1])  # the input-channel lanes of one block
-    sch.vectorize(sch.get_loops(write)[-1])
-    init = sch.decompose_reduction(conv, reduce[0])
+    for loop in unrolled:
+        sch.unroll(loop)
+    _vectorize_last(sch, write)
+    init = sch.decompose_reduction(block, reduce)
     _vectorize_last(sch, init)
-    _schedule_leftovers(sch, exclude=(conv, init, write))
+    _schedule_leftovers(sch, exclude=(block, init, write))
 
 
 def _vectorize_last(sch: Any, block: Any) -> None:
@@ -179,16 +188,8 @@ class Dense(_Rule):
         # while every row tile uses it (a large classifier's weight is tens of MB).
         sch.reorder(co, ro, reduce, ri, cv, lane)
         outer = sch.fuse(co, ro)
-        if _block_work(sch, block) >= MIN_PARALLEL_WORK:
-            sch.parallel(outer)
-        sch.reverse_compute_at(write, outer, preserve_unit_loops=True)
-        sch.vectorize(lane)
-        sch.unroll(cv)
-        sch.unroll(ri)
-        init = sch.decompose_reduction(block, reduce)
-        _vectorize_last(sch, init)
-        _vectorize_last(sch, write)
-        _schedule_leftovers(sch, exclude=(block, init, write))
+        _finish_register_tile(sch, block, write, outer=outer, write_at=outer, lane=lane, unrolled=(cv, ri),
+                              reduce=reduce)
         return sch
 
 
