@@ -6,11 +6,13 @@ held-out fidelity (the pipeline's own).
     python benchmarks/distill_unseen.py rec            # the recogniser (a few minutes)
     python benchmarks/distill_unseen.py det --steps 60 # the detector
     python benchmarks/distill_unseen.py rec --passes prune --budget macs=0.704   # per-group prune to a budget
+    python benchmarks/distill_unseen.py rec --options '{"pq": {"max_error": 0.15}}'  # more pass options
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -49,6 +51,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64, help="recogniser: word spans in the calibration set")
     parser.add_argument("--passes", default="prune,pq,distill")
     parser.add_argument("--budget", help="KEY=VALUE, e.g. macs=0.704: --budget of the rewrite")
+    parser.add_argument("--options", default="{}", help="JSON {pass: {option: value}} merged over the defaults")
     args = parser.parse_args()
     budget = None
     if args.budget:
@@ -60,6 +63,8 @@ def main() -> None:
     else:
         calib, path = {"input1": recogniser_spans(args.samples, np.random.default_rng(0))}, models["ddddocr_rec"]
     options = {"distill": {"steps": args.steps, "batch": 4, "minutes": 8, "eval_every": 10}}
+    for name, given in json.loads(args.options).items():
+        options[name] = {**options.get(name, {}), **given}
     start = time.perf_counter()
     # the recogniser's [T, N, 8210] output is raw CTC logits: say so, as a user would, so that top-1 is read per step
     axes = {"387": "2:scores"} if args.model == "rec" else None

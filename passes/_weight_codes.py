@@ -59,6 +59,11 @@ class WeightLayer:
         w = self.weight.astype(np.float64)
         return w.T if self.kind == "cols" else w.reshape(w.shape[0], -1)
 
+    def weight_from(self, matrix: np.ndarray) -> np.ndarray:
+        """An output-major matrix like `matrix` back in the weight's own layout and dtype."""
+        w = matrix.T if self.kind == "cols" else matrix.reshape(self.weight.shape)
+        return np.ascontiguousarray(w, dtype=self.weight.dtype)
+
     @property
     def spatial(self) -> int:
         """kh * kw for a Conv (1 for Gemm/MatMul)."""
@@ -335,10 +340,12 @@ def pq_decoder(
     return nodes, out
 
 
-def dense_decoder(model: onnx.ModelProto, layer: WeightLayer, dtype: np.dtype) -> tuple[list, str]:
-    """The weight stored in `dtype` (float16) and cast back to its own dtype in the graph."""
+def dense_decoder(model: onnx.ModelProto, layer: WeightLayer, dtype: np.dtype,
+                  weight: np.ndarray | None = None) -> tuple[list, str]:
+    """The weight (or a refitted `weight` of its shape) stored in `dtype` (float16) and cast back to its own
+    dtype in the graph."""
     base = short_base(model, "fp16")
-    stored = add_initializer(model, f"{base}.stored", layer.weight, dtype)
+    stored = add_initializer(model, f"{base}.stored", layer.weight if weight is None else weight, dtype)
     return _cast_to(model, stored, layer.weight.dtype, base)
 
 

@@ -72,6 +72,18 @@ def codes_to_rows(codes: np.ndarray, group: int, n: int) -> np.ndarray:
     return codes.reshape(group, j, n // group).transpose(0, 2, 1).reshape(n, j)
 
 
+def finer_grams(blocks: np.ndarray, group: int, d: int, per_group: int) -> np.ndarray:
+    """Per-block Grams (B, D, D) captured for sub-vectors of D, cut to sub-vectors of d (d divides D): the d x d
+    diagonal blocks of each, in to_blocks' order, `per_group` of them per group (a narrower padding needs fewer)."""
+    size = blocks.shape[-1]
+    if size == d:
+        return blocks
+    r = size // d
+    index = np.arange(r)
+    cut = blocks.reshape(-1, r, d, r, d)[:, index, :, index, :].transpose(1, 0, 2, 3)  # (B, r, d, d)
+    return cut.reshape(group, -1, d, d)[:, :per_group].reshape(-1, d, d)
+
+
 def diagonal_blocks(cov: np.ndarray, d: int) -> np.ndarray:
     """The (d x d) diagonal blocks of a (J d x J d) matrix, as (J, d, d)."""
     j = len(cov) // d
@@ -96,6 +108,7 @@ class PqPass:
         book_share: float = 0.25,
         data_aware: bool = True,
         skip: str = "",
+        max_error: float = 0.2,
     ) -> None:
         if not 2 <= k <= 256:
             raise ValueError(f"k must be in [2, 256] (codes are uint8), got {k}")
@@ -107,10 +120,13 @@ class PqPass:
             raise ValueError(f"iters must be >= 0, got {iters}")
         if not 0.0 < book_share <= 1.0:
             raise ValueError(f"book_share must be in (0, 1], got {book_share}")
+        if not max_error >= 0.0:
+            raise ValueError(f"max_error must be >= 0 (0: no bound), got {max_error}")
         self.k, self.block, self.book_dtype = k, block, np.dtype(BOOK_DTYPES[codebook_dtype])
         self.book_share = book_share
         self.dense_fp16, self.iters, self.data_aware = dense_fp16, iters, data_aware
         self.skip = {s.strip() for s in skip.split(",") if s.strip()}
+        self.max_error = max_error
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         model = copy_model(model)
@@ -149,10 +165,24 @@ class PqPass:
             return layer.spatial
         return min(self.block, layer.matrix.shape[1])
 
-    def _plan(self, layer: WeightLayer) -> dict:
+    @staticmethod
+    def _finer_sizes(layer: WeightLayer, d: int, stats: InputStats) -> list[int]:
+        """Smaller sub-vectors to refit with when the codes add more output error than `max_error`: a k x k
+        kernel's rows, then halves, down to 2 (more codes per weight, each closer to its weights). With per-block
+        Grams only the sizes that divide the captured block can be fitted without another capture."""
+        sizes, size = [], d
+        if layer.spatial > 1 and layer.conv.kernel[-1] < size:
+            size = layer.conv.kernel[-1]
+            sizes.append(size)
+        while size // 2 >= 2:
+            size //= 2
+            sizes.append(size)
+        return sizes if stats.full else [s for s in sizes if d % s == 0]
+
+    def _plan(self, layer: WeightLayer, d: int | None = None) -> dict:
         """Which form the layer takes: codes when they are smaller than the dense weight, else dense."""
         n, kg = layer.matrix.shape
-        d = self._sub_size(layer)
+        d = d or self._sub_size(layer)
         own = layer.weight.dtype
         dense_dtype = np.dtype(np.float16) if self.dense_fp16 and own.itemsize > 2 else own
         dense = n * kg * dense_dtype.itemsize
@@ -174,20 +204,48 @@ class PqPass:
     def _apply(
         self, model: onnx.ModelProto, layer: WeightLayer, plan: dict, stats: InputStats | None, seed: int
     ) -> dict:
-        info = {k: v for k, v in plan.items() if k not in ("dense_dtype",)}
+        found = None
+        if plan["form"] == "pq":
+            plan, found = self._codes(layer, plan, stats, seed)
+        info = {k: v for k, v in plan.items() if k not in ("dense_dtype", "refitted")}
         if plan["form"] == "dense":
             info["bytes_after"] = plan["bytes_before"]
         elif plan["form"] == "dense_fp16":
-            nodes, out = dense_decoder(model, layer, plan["dense_dtype"])
+            nodes, out = dense_decoder(model, layer, plan["dense_dtype"], plan.get("refitted"))
             insert_before(model, layer.node.output[0], nodes, out)
             info["bytes_after"] = weight_bytes(model, nodes)
         else:
-            codebook, codes, fit = self._fit(layer, plan, stats, seed)
+            codebook, codes, fit = found
             nodes, out = pq_decoder(model, layer, codebook, codes, self.book_dtype)
             insert_before(model, layer.node.output[0], nodes, out)
             info.update(fit, bytes_after=weight_bytes(model, nodes))
         info["bits_per_weight"] = 8.0 * info["bytes_after"] / plan["weights"]
         return info
+
+    def _codes(self, layer: WeightLayer, plan: dict, stats: InputStats | None, seed: int) -> tuple[dict, tuple | None]:
+        """The layer's codebook, codes and fit at the planned sub-vector size. With `max_error`, a layer whose output
+        error is over it is refit with smaller sub-vectors until one holds, and stays dense float16 when none does
+        (or when codes stop paying): the plan that was used and its fit, or the dense plan and None."""
+        found = self._fit(layer, plan, stats, seed)
+        error = found[2].get("added_error")  # absent without data (k-means on the weights alone)
+        if not self.max_error or error is None or error <= self.max_error:
+            return plan, found
+        tried = {plan["d"]: error}
+        for d in self._finer_sizes(layer, plan["d"], stats):
+            finer = self._plan(layer, d)
+            if finer["form"] != "pq":
+                break
+            found = self._fit(layer, finer, stats, seed)
+            tried[d] = found[2]["added_error"]
+            if tried[d] <= self.max_error:
+                return finer, (*found[:2], {**found[2], "errors_by_block": tried})
+        # Dense, but refitted like the codes were (with full moments): the weight that corrects the errors of the
+        # layers before it.
+        refitted = layer.weight_from(compensation(layer.matrix, stats)[0]) if stats.full else None
+        dense = {**plan, "form": "dense_fp16", "dense_dtype": np.dtype(np.float16), "refitted": refitted,
+                 "why": f"codes add more output error than max_error {self.max_error} at every sub-vector size",
+                 "errors_by_block": tried}
+        return dense, None
 
     def _fit(self, layer: WeightLayer, plan: dict, stats: InputStats | None, seed: int) -> tuple:
         """Codebook (k, d) and codes (N, J) for the layer, plus what the report says about the fit."""
@@ -203,7 +261,7 @@ class PqPass:
             compensated, ridge = compensation(layer.matrix, stats)
             target, grams = padded(compensated, d), diagonal_blocks(padded_square(stats.new, d), d)
         else:
-            grams = stats.blocks
+            grams = finer_grams(stats.blocks, g, d, math.ceil(layer.matrix.shape[1] / d))
         v3 = to_blocks(target, g, d)
         start = float(weight_error(v3, grams, book, plain_codes))
         book_em, codes, history = activation_em(v3, grams, book, self.iters, seed)
@@ -220,7 +278,13 @@ class PqPass:
             if fit["output_error_kmeans"] < fit["output_error"]:
                 # EM minimises a per-block surrogate; on the full output error plain k-means can still win.
                 fit.update(fit="k-means on weights (beat EM on the output)", output_error=fit["output_error_kmeans"])
-                return book, codes_to_rows(plain_codes, g, n).astype(np.uint8), fit
+                approx, book_em, codes = plain, book, plain_codes
+            # The error the codes add to the best this layer can do on its inputs (upstream errors left out).
+            best = compensated[:, :width]
+            fit["added_error"] = output_error_rel(best, approx, stats.new, stats.new, stats.new)
+        else:  # from the per-block Grams: exact for a depthwise conv, without cross-block terms otherwise
+            energy = float(np.sum(v3 * (v3 @ grams)))
+            fit["added_error"] = math.sqrt(weight_error(v3, grams, book_em, codes) / max(energy, 1e-30))
         return book_em, codes_to_rows(codes, g, n).astype(np.uint8), fit
 
     @staticmethod

@@ -12,7 +12,7 @@ from rewriter.canonical import canonicalize
 from rewriter.errors import UsageError
 from rewriter.pass_api import PassContext
 from rewriter.passes._codebook import activation_em, assign, plain_kmeans, reseed_empty, weight_error
-from rewriter.passes.pq import PqPass, codes_to_rows, to_blocks
+from rewriter.passes.pq import PqPass, codes_to_rows, diagonal_blocks, finer_grams, to_blocks
 from rewriter.pipeline import checked
 from rewriter.registry import make_pass
 from tests.helpers import (
@@ -121,7 +121,7 @@ def test_conv_codes_decode_exactly_3x3_and_1x1():
 
 def test_small_layers_stay_dense_in_float16_and_file_shrinks():
     model = canonicalize(conv_model(channels=(1, 16, 32)), {"x": [1, 1, 12, 12]})
-    result = PqPass(k=64).run(model, _context([1, 12, 12], n=16))
+    result = PqPass(k=64, max_error=0).run(model, _context([1, 12, 12], n=16))
     layers = result.notes["layers"]
     assert layers["conv1"]["form"] == "dense_fp16"  # 16 sub-vectors cannot pay for a codebook
     assert layers["conv2"]["form"] == "pq" and layers["conv2"]["bits_per_weight"] < 4
@@ -167,3 +167,42 @@ def test_widths_that_blocks_do_not_divide_are_padded_and_decode_exactly(data_awa
     y = rng.normal(size=(1, 10, 6, 6)).astype(np.float32)
     got = run_ort(checked(result.model, "pq"), {"x": y})
     assert_outputs_close(got, run_ort(point, {"x": y}), rtol=1e-4, atol=1e-4)
+
+
+def test_per_block_grams_cut_to_finer_sub_vectors_match_the_full_moments():
+    """Grams captured per block of 4 give exactly the 2 x 2 diagonal blocks a capture at 2 would have."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(200, 24))
+    cov = x.T @ x  # two groups of 12 columns: blocks (group, block) in to_blocks' order
+    per_group = [cov[g * 12:(g + 1) * 12, g * 12:(g + 1) * 12] for g in range(2)]
+    blocks4 = np.concatenate([diagonal_blocks(c, 4) for c in per_group])
+    blocks2 = np.concatenate([diagonal_blocks(c, 2) for c in per_group])
+    np.testing.assert_array_equal(finer_grams(blocks4, 2, 2, 6), blocks2)
+    np.testing.assert_array_equal(finer_grams(blocks4, 2, 4, 3), blocks4)
+
+
+@pytest.mark.parametrize("group2", [1, 16])
+def test_max_error_refits_finer_or_keeps_the_layer_dense_and_bounds_what_the_codes_add(group2):
+    """Random weights share no structure: at k=16 the codes add a large output error. With max_error each layer
+    is refit with smaller sub-vectors (a 3 x 3 kernel's rows, then pairs) until the error it adds is within the
+    bound, else kept dense in float16; the model then answers closer to the original (regular and depthwise)."""
+    model = canonicalize(conv_model(channels=(3, 64, 64), group2=group2), {"x": [1, 3, 12, 12]})
+    ctx = _context([3, 12, 12], n=24)
+    xs = np.random.default_rng(6).normal(size=(4, 1, 3, 12, 12)).astype(np.float32)
+    ref = np.stack([run_ort(model, {"x": x})[0] for x in xs])
+    errors = {}
+    for bound in (0.0, 0.45):
+        result = PqPass(k=16, book_share=1.0, max_error=bound).run(model, ctx)
+        new = checked(result.model, "pq")
+        got = np.stack([run_ort(new, {"x": x})[0] for x in xs])
+        errors[bound] = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+        layers = result.notes["layers"]
+        if bound:
+            conv2 = layers["conv2"]
+            assert conv2["errors_by_block"][9] > bound, conv2  # the first fit was over the bound
+            assert set(conv2["errors_by_block"]) <= {9, 3}
+            assert (conv2["form"] == "pq" and conv2["d"] == 3 and conv2["added_error"] <= bound) or (
+                conv2["form"] == "dense_fp16" and "max_error" in conv2["why"]), conv2
+        else:
+            assert all("errors_by_block" not in d for d in layers.values())
+    assert errors[0.45] < 0.8 * errors[0.0], errors
