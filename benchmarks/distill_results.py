@@ -34,14 +34,15 @@ from rewriter.calib import load_calibration, split
 # (model, passes, options of the compression passes)
 SAMPLE_RUNS = [
     ("digits_vgg", ["svd"], {"svd": {"rank_ratio": 0.25, "data_aware": False}}),
-    ("digits_mobilenet", ["pq"], {"pq": {"k": 16, "block": 8}}),
+    ("digits_mobilenet", ["pq"], {"pq": {"k": 16, "block": 8, "max_error": 0}}),
     ("digits_resnet", ["binary"], {}),
 ]
 REAL_RUNS = [
     ("yolov8n", ["prune"], {"prune": {"ratio": 0.3}}),
     ("yolov8n", ["pq"], {}),
     ("mobilenetv3_cls", ["pq"], {}),
-    ("mobilenetv3_cls", ["pq"], {"pq": {"k": 16, "block": 8}}),
+    ("mobilenetv3_cls", ["pq"], {"pq": {"max_error": 0}}),  # the codes unbounded, as before pq.max_error
+    ("mobilenetv3_cls", ["pq"], {"pq": {"k": 16, "block": 8, "max_error": 0}}),
     ("mobilenetv3_cls", ["binary"], {"binary": {"bases": 3}}),
 ]
 
@@ -121,6 +122,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--patience", type=int, default=4, help="evaluations without improvement before stopping")
     parser.add_argument("--samples", type=int, help="real models: calibration sets of N images (25 %% held out)")
+    parser.add_argument("--options", help="JSON: only the runs whose pass options are exactly these, e.g. '{}'")
     parser.add_argument("--json", type=Path, help="write per-run details (history included) here")
     parser.add_argument("--trace", action="store_true", help="also score the held-out samples at every evaluation")
     args = parser.parse_args()
@@ -135,6 +137,8 @@ def main() -> None:
     rows, details = [], []
     for name, path, calib, passes, options in runs:
         if only and name not in only or args.compression and passes[0] not in args.compression.split(","):
+            continue
+        if args.options is not None and options != json.loads(args.options):
             continue
         row, detail = _row(name, path, calib, passes, options, distill, args.trace)
         rows.append(row)
