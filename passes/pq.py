@@ -226,7 +226,10 @@ class PqPass:
         """The layer's codebook, codes and fit at the planned sub-vector size. With `max_error`, a layer whose output
         error is over it is refit with smaller sub-vectors until one holds, and stays dense float16 when none does
         (or when codes stop paying): the plan that was used and its fit, or the dense plan and None."""
-        found = self._fit(layer, plan, stats, seed)
+        # The compensated target (and its ridge, chosen on held-out rows) does not depend on the sub-vector size:
+        # solved once per layer, for every fit and for the dense fallback.
+        target = compensation(layer.matrix, stats) if stats is not None and stats.full else None
+        found = self._fit(layer, plan, stats, seed, target)
         error = found[2].get("added_error")  # absent without data (k-means on the weights alone)
         if not self.max_error or error is None or error <= self.max_error:
             return plan, found
@@ -235,20 +238,22 @@ class PqPass:
             finer = self._plan(layer, d)
             if finer["form"] != "pq":
                 break
-            found = self._fit(layer, finer, stats, seed)
+            found = self._fit(layer, finer, stats, seed, target)
             tried[d] = found[2]["added_error"]
             if tried[d] <= self.max_error:
                 return finer, (*found[:2], {**found[2], "errors_by_block": tried})
         # Dense, but refitted like the codes were (with full moments): the weight that corrects the errors of the
         # layers before it.
-        refitted = layer.weight_from(compensation(layer.matrix, stats)[0]) if stats.full else None
+        refitted = layer.weight_from(target[0]) if target is not None else None
         dense = {**plan, "form": "dense_fp16", "dense_dtype": np.dtype(np.float16), "refitted": refitted,
                  "why": f"codes add more output error than max_error {self.max_error} at every sub-vector size",
                  "errors_by_block": tried}
         return dense, None
 
-    def _fit(self, layer: WeightLayer, plan: dict, stats: InputStats | None, seed: int) -> tuple:
-        """Codebook (k, d) and codes (N, J) for the layer, plus what the report says about the fit."""
+    def _fit(self, layer: WeightLayer, plan: dict, stats: InputStats | None, seed: int,
+             compensated_target: tuple[np.ndarray, float | None] | None) -> tuple:
+        """Codebook (k, d) and codes (N, J) for the layer, plus what the report says about the fit.
+        `compensated_target`: (target, ridge) from `compensation` when the layer has full input moments."""
         d, k, g = plan["d"], plan["k"], layer.group
         m = padded(layer.matrix, d)
         n = m.shape[0]
@@ -258,7 +263,7 @@ class PqPass:
             return book, codes_to_rows(plain_codes, g, n).astype(np.uint8), {"fit": "k-means on weights"}
         target, ridge = m, None
         if stats.full:
-            compensated, ridge = compensation(layer.matrix, stats)
+            compensated, ridge = compensated_target
             target, grams = padded(compensated, d), diagonal_blocks(padded_square(stats.new, d), d)
         else:
             grams = finer_grams(stats.blocks, g, d, math.ceil(layer.matrix.shape[1] / d))
