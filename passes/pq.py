@@ -208,12 +208,12 @@ class PqPass:
         if plan["form"] == "pq":
             plan, found = self._codes(layer, plan, stats, seed)
         info = {k: v for k, v in plan.items() if k not in ("dense_dtype", "refitted")}
-        if plan["form"] == "dense":
+        if plan["form"] == "dense" and plan.get("refitted") is None:
             info["bytes_after"] = plan["bytes_before"]
-        elif plan["form"] == "dense_fp16":
+        elif plan["form"] in ("dense", "dense_fp16"):  # float16 (+ Cast), or the refitted weight in its own dtype
             nodes, out = dense_decoder(model, layer, plan["dense_dtype"], plan.get("refitted"))
             insert_before(model, layer.node.output[0], nodes, out)
-            info["bytes_after"] = weight_bytes(model, nodes)
+            info["bytes_after"] = weight_bytes(model, nodes) if nodes else plan["bytes_before"]
         else:
             codebook, codes, fit = found
             nodes, out = pq_decoder(model, layer, codebook, codes, self.book_dtype)
@@ -245,7 +245,8 @@ class PqPass:
         # Dense, but refitted like the codes were (with full moments): the weight that corrects the errors of the
         # layers before it.
         refitted = layer.weight_from(target[0]) if target is not None else None
-        dense = {**plan, "form": "dense_fp16", "dense_dtype": np.dtype(np.float16), "refitted": refitted,
+        form = "dense_fp16" if plan["dense_dtype"] != layer.weight.dtype else "dense"  # dense_fp16=false: own dtype
+        dense = {**plan, "form": form, "refitted": refitted,
                  "why": f"codes add more output error than max_error {self.max_error} at every sub-vector size",
                  "errors_by_block": tried}
         return dense, None

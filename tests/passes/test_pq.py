@@ -206,3 +206,20 @@ def test_max_error_refits_finer_or_keeps_the_layer_dense_and_bounds_what_the_cod
         else:
             assert all("errors_by_block" not in d for d in layers.values())
     assert errors[0.45] < 0.8 * errors[0.0], errors
+
+
+def test_a_layer_over_max_error_stays_in_its_own_dtype_with_dense_fp16_false():
+    """The dense fallback stores its (compensated) weight as the user asked: float32, no Cast, no bytes saved."""
+    model = canonicalize(conv_model(channels=(3, 64, 64)), {"x": [1, 3, 12, 12]})
+    result = PqPass(k=16, book_share=1.0, max_error=0.01, dense_fp16=False).run(model, _context([3, 12, 12], n=24))
+    new = checked(result.model, "pq")
+    conv2 = result.notes["layers"]["conv2"]
+    assert conv2["form"] == "dense" and "max_error" in conv2["why"], conv2
+    assert conv2["bytes_after"] == conv2["bytes_before"]
+    weights = {t.name: t for t in new.graph.initializer}
+    stored = weights[next(n for n in new.graph.node if n.name == "conv2").input[1]]
+    assert stored.data_type == onnx.TensorProto.FLOAT  # read straight by the Conv, no Cast between
+    # conv1 stays exact (too small for codes, float32 as asked), so there is no upstream error to compensate
+    original = {t.name: t for t in model.graph.initializer}["w2"]
+    assert np.allclose(onnx.numpy_helper.to_array(stored), onnx.numpy_helper.to_array(original), atol=1e-5)
+    assert not any(n.op_type == "Cast" for n in new.graph.node)
