@@ -109,6 +109,7 @@ class PqPass:
         data_aware: bool = True,
         skip: str = "",
         max_error: float = 0.2,
+        head_error: float = 0.05,
     ) -> None:
         if not 2 <= k <= 256:
             raise ValueError(f"k must be in [2, 256] (codes are uint8), got {k}")
@@ -120,13 +121,14 @@ class PqPass:
             raise ValueError(f"iters must be >= 0, got {iters}")
         if not 0.0 < book_share <= 1.0:
             raise ValueError(f"book_share must be in (0, 1], got {book_share}")
-        if not max_error >= 0.0:
-            raise ValueError(f"max_error must be >= 0 (0: no bound), got {max_error}")
+        if not (max_error >= 0.0 and head_error >= 0.0):
+            raise ValueError(f"max_error and head_error must be >= 0 (0: no bound), got {max_error}, {head_error}")
         self.k, self.block, self.book_dtype = k, block, np.dtype(BOOK_DTYPES[codebook_dtype])
         self.book_share = book_share
         self.dense_fp16, self.iters, self.data_aware = dense_fp16, iters, data_aware
         self.skip = {s.strip() for s in skip.split(",") if s.strip()}
-        self.max_error = max_error
+        self.max_error, self.head_error = max_error, head_error
+        self._heads: set[str] = set()  # labels of the layers that write a graph output (bound by head_error)
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         model = copy_model(model)
@@ -144,6 +146,7 @@ class PqPass:
                     skipped[label] = found
         if self.data_aware and layers:
             ctx.require_data("pq", NEEDS_DATA)
+        self._heads = {la.label for la in layers if view.writes_output(la.node)}
         original = copy_model(model)
         details: dict[str, dict] = {}
         for wave in progress(independent_waves(model, layers), desc="pq: layer groups"):
@@ -157,7 +160,8 @@ class PqPass:
                 details[la.label] = self._apply(model, la, plans[la.label], stats.get(la.label), ctx.seed)
         drop_unused_initializers(model)
         changed = [label for label, d in details.items() if d["form"] != "dense"]
-        return PassResult(model, changed, {**self._summary(details), "layers": details, "skipped": skipped})
+        notes = {**self._summary(details), "layers": details, "skipped": skipped, "heads": sorted(self._heads)}
+        return PassResult(model, changed, notes)
 
     def _sub_size(self, layer: WeightLayer) -> int:
         """Sub-vector size: the kernel's spatial block, or `block` input channels (the width padded to fit)."""
@@ -231,7 +235,8 @@ class PqPass:
         target = compensation(layer.matrix, stats) if stats is not None and stats.full else None
         found = self._fit(layer, plan, stats, seed, target)
         error = found[2].get("added_error")  # absent without data (k-means on the weights alone)
-        if not self.max_error or error is None or error <= self.max_error:
+        bound = self._bound(layer)
+        if not bound or error is None or error <= bound:
             return plan, found
         tried = {plan["d"]: error}
         for d in self._finer_sizes(layer, plan["d"], stats):
@@ -240,16 +245,26 @@ class PqPass:
                 break
             found = self._fit(layer, finer, stats, seed, target)
             tried[d] = found[2]["added_error"]
-            if tried[d] <= self.max_error:
+            if tried[d] <= bound:
                 return finer, (*found[:2], {**found[2], "errors_by_block": tried})
         # Dense, but refitted like the codes were (with full moments): the weight that corrects the errors of the
         # layers before it.
         refitted = layer.weight_from(target[0]) if target is not None else None
         form = "dense_fp16" if plan["dense_dtype"] != layer.weight.dtype else "dense"  # dense_fp16=false: own dtype
         dense = {**plan, "form": form, "refitted": refitted,
-                 "why": f"codes add more output error than max_error {self.max_error} at every sub-vector size",
+                 "why": f"codes add more output error than {self._bound_name(layer)} {bound} at every sub-vector size",
                  "errors_by_block": tried}
         return dense, None
+
+    def _bound(self, layer: WeightLayer) -> float:
+        """What the codes may add to the layer's output: max_error, or head_error (if tighter) for a layer that
+        writes a graph output, whose error no later layer's compensation can absorb. 0: no bound."""
+        if layer.label in self._heads and self.head_error and self.max_error:
+            return min(self.max_error, self.head_error)
+        return self.max_error
+
+    def _bound_name(self, layer: WeightLayer) -> str:
+        return "head_error" if self._bound(layer) < self.max_error else "max_error"
 
     def _fit(self, layer: WeightLayer, plan: dict, stats: InputStats | None, seed: int,
              compensated_target: tuple[np.ndarray, float | None] | None) -> tuple:

@@ -12,6 +12,9 @@ from onnx import numpy_helper
 # Layers a pre-quantised model computes in integers (dynamic quantisation and QOperator formats), and the reason
 # every pass gives for leaving such a layer, or one whose weight comes from DequantizeLinear (QDQ), as it is.
 QUANTISED_OPS = frozenset({"ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "QGemm"})
+# Ops whose output mixes what they read through weights: between a layer and a graph output, one of these can
+# absorb (a refit or compensation there corrects) the layer's error.
+MIXING_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "LSTM", "GRU", "RNN"}) | QUANTISED_OPS
 QUANTISED_WEIGHT = "quantised layer (weight from DequantizeLinear): left as the model's quantiser made it"
 
 
@@ -92,6 +95,21 @@ class GraphView:
 
     def is_graph_output(self, name: str) -> bool:
         return any(o.name == name for o in self.graph.output)
+
+    def writes_output(self, node: onnx.NodeProto) -> bool:
+        """Whether a graph output depends on the node through element-wise, shape and pooling ops alone (no
+        MIXING_OPS between): a classifier's last Gemm, a detector's score convs."""
+        outputs = {o.name for o in self.graph.output}
+        seen, stack = set(), [n for n in node.output if n]
+        while stack:
+            name = stack.pop()
+            if name in outputs:
+                return True
+            for reader in self.consumers(name):
+                if reader.op_type not in MIXING_OPS:
+                    stack.extend(o for o in reader.output if o and o not in seen)
+                    seen.update(reader.output)
+        return False
 
 
 def node_reads(node: onnx.NodeProto) -> set[str]:

@@ -10,6 +10,7 @@ from onnx import helper
 from rewriter.calib import Calibration
 from rewriter.canonical import canonicalize
 from rewriter.errors import UsageError
+from rewriter.graph import GraphView
 from rewriter.pass_api import PassContext
 from rewriter.passes._codebook import activation_em, assign, plain_kmeans, reseed_empty, weight_error
 from rewriter.passes.pq import PqPass, codes_to_rows, diagonal_blocks, finer_grams, to_blocks
@@ -192,7 +193,7 @@ def test_max_error_refits_finer_or_keeps_the_layer_dense_and_bounds_what_the_cod
     ref = np.stack([run_ort(model, {"x": x})[0] for x in xs])
     errors = {}
     for bound in (0.0, 0.45):
-        result = PqPass(k=16, book_share=1.0, max_error=bound).run(model, ctx)
+        result = PqPass(k=16, book_share=1.0, max_error=bound, head_error=0).run(model, ctx)
         new = checked(result.model, "pq")
         got = np.stack([run_ort(new, {"x": x})[0] for x in xs])
         errors[bound] = np.linalg.norm(got - ref) / np.linalg.norm(ref)
@@ -211,7 +212,8 @@ def test_max_error_refits_finer_or_keeps_the_layer_dense_and_bounds_what_the_cod
 def test_a_layer_over_max_error_stays_in_its_own_dtype_with_dense_fp16_false():
     """The dense fallback stores its (compensated) weight as the user asked: float32, no Cast, no bytes saved."""
     model = canonicalize(conv_model(channels=(3, 64, 64)), {"x": [1, 3, 12, 12]})
-    result = PqPass(k=16, book_share=1.0, max_error=0.01, dense_fp16=False).run(model, _context([3, 12, 12], n=24))
+    result = PqPass(k=16, book_share=1.0, max_error=0.01, head_error=0, dense_fp16=False).run(
+        model, _context([3, 12, 12], n=24))
     new = checked(result.model, "pq")
     conv2 = result.notes["layers"]["conv2"]
     assert conv2["form"] == "dense" and "max_error" in conv2["why"], conv2
@@ -223,3 +225,20 @@ def test_a_layer_over_max_error_stays_in_its_own_dtype_with_dense_fp16_false():
     original = {t.name: t for t in model.graph.initializer}["w2"]
     assert np.allclose(onnx.numpy_helper.to_array(stored), onnx.numpy_helper.to_array(original), atol=1e-5)
     assert not any(n.op_type == "Cast" for n in new.graph.node)
+
+
+def test_the_layer_that_writes_the_output_is_held_to_head_error():
+    """No later layer compensates the last layer's codes, so it is bound by head_error (if tighter than max_error):
+    refit finer or kept dense until what its codes add is within it; the layers before keep max_error."""
+    model = canonicalize(conv_model(channels=(3, 64, 64)), {"x": [1, 3, 12, 12]})
+    assert [GraphView(model).writes_output(n) for n in model.graph.node if n.op_type == "Conv"] == [False, True]
+    ctx = _context([3, 12, 12], n=24)
+    loose = PqPass(k=16, book_share=1.0, max_error=0.45, head_error=0).run(model, ctx).notes
+    assert loose["layers"]["conv2"]["added_error"] > 0.05  # the head bound has something to do
+    notes = PqPass(k=16, book_share=1.0, max_error=0.45, head_error=0.05).run(model, ctx).notes
+    assert notes["heads"] == ["conv2"]
+    conv2 = notes["layers"]["conv2"]
+    assert (conv2["form"] == "pq" and conv2["added_error"] <= 0.05) or (
+        conv2["form"] == "dense_fp16" and "head_error 0.05" in conv2["why"]), conv2
+    assert PqPass(k=16, book_share=1.0, max_error=0, head_error=0.05).run(model, ctx).notes["layers"]["conv2"][
+        "form"] == "pq"  # max_error=0: no bound at all, as before
