@@ -159,7 +159,7 @@ class PqPass:
             for la in wave:
                 details[la.label] = self._apply(model, la, plans[la.label], stats.get(la.label), ctx.seed)
         drop_unused_initializers(model)
-        changed = [label for label, d in details.items() if d["form"] != "dense"]
+        changed = [label for label, d in details.items() if d["form"] != "dense" or d.get("compensated")]
         notes = {**self._summary(details), "layers": details, "skipped": skipped, "heads": sorted(self._heads)}
         return PassResult(model, changed, notes)
 
@@ -212,6 +212,8 @@ class PqPass:
         if plan["form"] == "pq":
             plan, found = self._codes(layer, plan, stats, seed)
         info = {k: v for k, v in plan.items() if k not in ("dense_dtype", "refitted")}
+        if plan.get("refitted") is not None:
+            info["compensated"] = True  # dense, but its weight now corrects the errors of the layers before it
         if plan["form"] == "dense" and plan.get("refitted") is None:
             info["bytes_after"] = plan["bytes_before"]
         elif plan["form"] in ("dense", "dense_fp16"):  # float16 (+ Cast), or the refitted weight in its own dtype

@@ -216,8 +216,9 @@ def test_a_layer_over_max_error_stays_in_its_own_dtype_with_dense_fp16_false():
         model, _context([3, 12, 12], n=24))
     new = checked(result.model, "pq")
     conv2 = result.notes["layers"]["conv2"]
-    assert conv2["form"] == "dense" and "max_error" in conv2["why"], conv2
+    assert conv2["form"] == "dense" and "max_error" in conv2["why"] and conv2["compensated"], conv2
     assert conv2["bytes_after"] == conv2["bytes_before"]
+    assert "conv2" in result.changed  # its weight was rewritten
     weights = {t.name: t for t in new.graph.initializer}
     stored = weights[next(n for n in new.graph.node if n.name == "conv2").input[1]]
     assert stored.data_type == onnx.TensorProto.FLOAT  # read straight by the Conv, no Cast between
