@@ -28,24 +28,41 @@ from rewriter import rewrite  # noqa: E402
 FIGURES = ("drop", "cosine", "channel_cosine_min", "top1_agreement", "detection_agreement")
 
 
-def _crops(count: int, rng: np.random.Generator) -> np.ndarray:
-    """Click-captcha-like images, what ddddocr's detector is for: square crops of half to all of the short side of
-    scikit-image's photographs, resized to 416 x 416, with 3-6 characters drawn on them (random size, colour,
-    position; Pillow's own font). Bare photographs leave its objectness below 0.05 almost everywhere, so a fidelity
-    figure on them reads noise."""
-    from PIL import Image, ImageDraw, ImageFont
+def _photographs() -> list[np.ndarray]:
     from skimage import data
 
-    images = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.immunohistochemistry(),
-              data.hubble_deep_field()]
+    return [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.immunohistochemistry(),
+            data.hubble_deep_field()]
+
+
+def _photo_crop(image: np.ndarray, rng: np.random.Generator):
+    """A square crop of half to all of the photograph's short side, resized to 416 x 416 (a PIL image)."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    side = int(rng.integers(min(h, w) // 2, min(h, w)))
+    y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    return Image.fromarray(image[y:y + side, x:x + side]).convert("RGB").resize((416, 416))
+
+
+def photo_crops(count: int, rng: np.random.Generator) -> np.ndarray:
+    """Crops of scikit-image's photographs (NCHW, 416 x 416)."""
+    images = _photographs()
+    return np.stack([np.asarray(_photo_crop(images[k % len(images)], rng), np.float32).transpose(2, 0, 1)
+                     for k in range(count)])
+
+
+def click_captchas(count: int, rng: np.random.Generator) -> np.ndarray:
+    """What ddddocr's detector is for: photo crops with 3-6 characters drawn on each (random size, colour and
+    position; Pillow's own font). Bare photographs leave its objectness below 0.05 almost everywhere, so a fidelity
+    figure on them reads noise."""
+    from PIL import ImageDraw, ImageFont
+
+    images = _photographs()
     glyphs = "ABCDEFGHJKLMNPQRSTUVWXYZabdefghkmnqrt23456789"
     out = []
     for k in range(count):
-        image = images[k % len(images)]
-        h, w = image.shape[:2]
-        side = int(rng.integers(min(h, w) // 2, min(h, w)))
-        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-        crop = Image.fromarray(image[y:y + side, x:x + side]).convert("RGB").resize((416, 416))
+        crop = _photo_crop(images[k % len(images)], rng)
         draw = ImageDraw.Draw(crop)
         for _ in range(int(rng.integers(3, 7))):
             font = ImageFont.load_default(size=int(rng.integers(28, 72)))
@@ -71,7 +88,7 @@ def main() -> None:
         budget = {key: float(value)}
     models = fetch_extra_models(default_cache())
     if args.model == "det":
-        calib, path = {"images": _crops(48, np.random.default_rng(0))}, models["ddddocr_det"]
+        calib, path = {"images": click_captchas(48, np.random.default_rng(0))}, models["ddddocr_det"]
     else:
         calib, path = {"input1": recogniser_spans(args.samples, np.random.default_rng(0))}, models["ddddocr_rec"]
     options = {"distill": {"steps": args.steps, "batch": 4, "minutes": 8, "eval_every": 10}}

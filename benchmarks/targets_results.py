@@ -58,13 +58,13 @@ UNSEEN = ("ddddocr_det", "ddddocr_rec")  # another exporter's models, never used
 def _unseen_model(name: str, work: Path) -> tuple[Path, Path]:
     """ddddocr's YOLOX-style detector (a crop of scikit-image's photographs) or its CNN + BiLSTM recogniser (a word
     span of page.png), with a one-sample calibration file written into `work`."""
-    from distill_unseen import _crops
+    from distill_unseen import photo_crops
     from fetch_real_models import default_cache, fetch_extra_models, recogniser_spans
 
     with contextlib.redirect_stdout(sys.stderr):
         path = fetch_extra_models(default_cache())[name]
     rng = np.random.default_rng(0)
-    feed = {"images": _crops(1, rng)} if name == "ddddocr_det" else {"input1": recogniser_spans(1, rng)}
+    feed = {"images": photo_crops(1, rng)} if name == "ddddocr_det" else {"input1": recogniser_spans(1, rng)}
     calib = work / f"{name}_calib.npz"
     np.savez(calib, **feed)
     return path, calib

@@ -344,9 +344,10 @@ def dense_decoder(model: onnx.ModelProto, layer: WeightLayer, dtype: np.dtype,
                   weight: np.ndarray | None = None) -> tuple[list, str]:
     """The weight (or a refitted `weight` of its shape) stored in `dtype` (float16) and cast back to its own
     dtype in the graph; stored in its own dtype, no Cast (a refitted weight with dense_fp16=false)."""
-    base = short_base(model, "fp16" if np.dtype(dtype) != layer.weight.dtype else "dense")
+    own = np.dtype(dtype) == layer.weight.dtype
+    base = short_base(model, "dense" if own else "fp16")
     stored = add_initializer(model, f"{base}.stored", layer.weight if weight is None else weight, dtype)
-    if np.dtype(dtype) == layer.weight.dtype:
+    if own:
         return [], stored
     return _cast_to(model, stored, layer.weight.dtype, base)
 
