@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,26 +11,26 @@ from onnx import numpy_helper
 
 from rewriter.channels import node_label
 from rewriter.graph import GraphView, attributes, unique_name
-from rewriter.layers import Conv2d, conv2d_geometry, conv_patches, rows
+from rewriter.layers import ConvGeometry, conv_geometry, conv_patches, conv_rows, rows
 
 
 @dataclass
 class Consumer:
-    """A Conv (group 1, 2-D), Gemm or MatMul whose input channels pruning removes."""
+    """A Conv (group 1, 1-D or 2-D), Gemm or MatMul whose input channels pruning removes."""
 
     label: str
     input: str
     output: str
     kind: str  # "conv" | "gemm" | "matmul"
-    conv: Conv2d | None = None
-    kernel: int = 1  # kh * kw: input columns per input channel
+    conv: ConvGeometry | None = None
+    kernel: int = 1  # kernel positions (kh * kw): input columns per input channel
 
     def rows(self, x: np.ndarray) -> np.ndarray:
         return conv_patches(x, self.conv) if self.kind == "conv" else rows(x)
 
     def targets(self, y: np.ndarray) -> np.ndarray:
         """Output rows aligned with `rows` of the input (positions x output channels)."""
-        return y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1]) if self.kind == "conv" else rows(y)
+        return conv_rows(y) if self.kind == "conv" else rows(y)
 
     def columns(self, positions: list[int]) -> np.ndarray:
         """Input columns of the weight matrix fed by the given input-channel positions."""
@@ -41,10 +42,10 @@ def find_consumer(view: GraphView, node: onnx.NodeProto) -> Consumer | None:
     label = node_label(node)
     if node.op_type == "Conv":
         weight = view.shape(node.input[1])
-        conv = None if weight is None else conv2d_geometry(node, weight)
+        conv = None if weight is None else conv_geometry(node, weight)
         if conv is None or conv.group != 1:
             return None
-        return Consumer(label, node.input[0], node.output[0], "conv", conv, weight[2] * weight[3])
+        return Consumer(label, node.input[0], node.output[0], "conv", conv, math.prod(conv.kernel))
     if node.op_type == "Gemm" and not attributes(node).get("transA", 0):
         return Consumer(label, node.input[0], node.output[0], "gemm")
     if node.op_type == "MatMul":

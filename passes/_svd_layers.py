@@ -11,7 +11,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from rewriter.graph import GraphView, attributes, unique_name
-from rewriter.layers import Conv2d, conv2d_geometry, conv_patches, rows
+from rewriter.layers import ConvGeometry, conv_geometry, conv_patches, rows
 
 FLOATS = (np.float16, np.float32, np.float64)
 WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
@@ -24,7 +24,7 @@ class Layer:
     w: np.ndarray  # the K x N matrix (for "spatial" the 4-D Conv weight)
     macs: int  # MACs of the layer as it is
     positions: int  # output positions that each weight column is applied at
-    conv: Conv2d | None = None
+    conv: ConvGeometry | None = None
     mid_positions: int = 0  # spatial split: positions of the k x 1 layer's output (full input width)
 
     @property
@@ -76,16 +76,16 @@ def find_layer(view: GraphView, node: onnx.NodeProto, conv_mode: str) -> Layer |
             return "batched MatMul weight"
         positions = math.prod(out[:-1])
         return Layer(node, "matmul", weight.astype(np.float64), positions * weight.size, positions)
-    conv = conv2d_geometry(node, list(weight.shape))
+    conv = conv_geometry(node, list(weight.shape))
     if conv is None:
-        return "only 2-D Conv with explicit padding is split"
+        return "only 1-D/2-D Conv with explicit padding is split"
     if conv.group != 1:
         return "grouped/depthwise Conv is not split"
-    positions = out[2] * out[3]
+    positions = math.prod(out[2:])
     macs = positions * weight.size
     if conv_mode == "spatial":
-        if min(conv.kernel) < 2:
-            return "spatial split needs a k x k kernel with k > 1"
+        if conv.rank != 2 or min(conv.kernel) < 2:
+            return "spatial split needs a 2-D k x k kernel with k > 1"
         x = view.static_shape(node.input[0])
         if x is None:
             return "input shape unknown"
@@ -134,7 +134,7 @@ def replacement(model: onnx.ModelProto, layer: Layer, first: np.ndarray, second:
                 helper.make_node("MatMul", [mid, b], [out], name=names[1])]
     conv = layer.conv
     if layer.kind == "conv":
-        first_attrs = {"strides": conv.strides, "pads": conv.pads, "dilations": conv.dilations}
+        first_attrs = conv.node_attrs()
         second_attrs: dict = {}
     else:
         (sh, sw), (dh, dw), (top, left, bottom, right) = conv.strides, conv.dilations, conv.pads
@@ -148,8 +148,8 @@ def factor_weights(layer: Layer, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarr
     """Matrix factors A (K x r), B (r x N) in the layout each node kind expects."""
     if layer.kind in ("gemm", "matmul"):
         return a, b
-    (kh, kw), rank = layer.conv.kernel, a.shape[1]
-    return a.T.reshape(rank, -1, kh, kw), b.T.reshape(-1, rank, 1, 1)
+    kernel, rank = layer.conv.own_kernel, a.shape[1]
+    return a.T.reshape(rank, -1, *kernel), b.T.reshape(-1, rank, *[1] * len(kernel))
 
 
 def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -13,7 +13,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from rewriter.graph import GraphView, attributes, node_reads, unique_name
-from rewriter.layers import Conv2d, conv2d_geometry, conv_patches, rows
+from rewriter.layers import ConvGeometry, conv_geometry, conv_patches, rows
 from rewriter.pass_api import PassContext
 
 from ._codebook import fitted_target
@@ -42,12 +42,12 @@ def add_initializer(model: onnx.ModelProto, base: str, value: np.ndarray, dtype:
 class WeightLayer:
     """A Conv/Gemm/MatMul whose weight is a constant, seen as an output-major matrix M (N x K per group).
 
-    kind: "conv" (weight N, C/g, kh, kw), "rows" (Gemm transB=1, weight N x K) or "cols" (weight K x N)."""
+    kind: "conv" (weight N, C/g, [kh,] kw), "rows" (Gemm transB=1, weight N x K) or "cols" (weight K x N)."""
 
     node: onnx.NodeProto
     kind: str
     weight: np.ndarray
-    conv: Conv2d | None = None
+    conv: ConvGeometry | None = None
     group: int = 1
 
     @property
@@ -96,9 +96,9 @@ def find_weight_layer(view: GraphView, node: onnx.NodeProto) -> WeightLayer | st
         return WeightLayer(node, "rows" if attrs.get("transB", 0) else "cols", weight)
     if node.op_type == "MatMul":
         return WeightLayer(node, "cols", weight) if weight.ndim == 2 else "batched MatMul weight"
-    conv = conv2d_geometry(node, list(weight.shape))
+    conv = conv_geometry(node, list(weight.shape))
     if conv is None:
-        return "only 2-D Conv with explicit padding"
+        return "only 1-D/2-D Conv with explicit padding"
     return WeightLayer(node, "conv", weight, conv, conv.group)
 
 

@@ -18,7 +18,7 @@ import onnx
 
 from rewriter.errors import UsageError
 from rewriter.graph import QUANTISED_OPS, GraphView, drop_unused_initializers, quantised_op
-from rewriter.layers import conv2d_geometry, conv_patches
+from rewriter.layers import conv_geometry, conv_patches, conv_rows
 from rewriter.metrics import count_macs
 from rewriter.pass_api import PassContext, PassResult
 from rewriter.progress import progress
@@ -219,7 +219,7 @@ class SvdPass:
         second = live_node(model, layer.node.output[0])
         start4d = initializer_array(model, second.input[1])
         bias = initializer_array(model, second.input[2]) if len(second.input) > 2 else 0.0
-        geometry = conv2d_geometry(second, list(start4d.shape))
+        geometry = conv_geometry(second, list(start4d.shape))
         start = start4d.reshape(len(start4d), -1).T.astype(np.float64)
         k = len(start)
         gram, cross, energy, count = np.zeros((k, k)), np.zeros_like(start), 0.0, 0
@@ -230,7 +230,7 @@ class SvdPass:
             nonlocal energy, count
             patches = conv_patches(after[second.input[0]].astype(np.float64), geometry)
             out = before[layer.node.output[0]].astype(np.float64)
-            patches, target = pick(patches, out.transpose(0, 2, 3, 1).reshape(-1, out.shape[1]) - bias)
+            patches, target = pick(patches, conv_rows(out) - bias)
             gram[:] += patches.T @ patches
             cross[:] += patches.T @ target
             energy += float(np.sum(target**2))

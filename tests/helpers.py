@@ -61,6 +61,36 @@ def conv_model(seed: int = 0, channels=(3, 16, 32), size: int = 12, group2: int 
     return make_model(nodes, [value("x", ["N", c0, size, size])], [value("y", ["N", c2, half, half])], inits)
 
 
+def conv1d_model(seed: int = 0) -> onnx.ModelProto:
+    """x[N, 4, 64] -> Conv1d k5 -> Relu -> Conv1d k3 stride 2 -> Relu -> Conv1d k3 dilation 2 -> Relu -> Conv1d k1 -> y
+    (an audio / sequence front end: 1-D kernels, strides, dilations)."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["h1"], name="conv1", pads=[2, 2], kernel_shape=[5]),
+        helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["h2"], name="conv2", pads=[1, 1], strides=[2]),
+        helper.make_node("Relu", ["h2"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "w3", "b3"], ["h3"], name="conv3", pads=[2, 2], dilations=[2]),
+        helper.make_node("Relu", ["h3"], ["r3"], name="relu3"),
+        helper.make_node("Conv", ["r3", "w4", "b4"], ["y"], name="conv4"),
+    ]
+    shapes = {"w1": (24, 4, 5), "w2": (32, 24, 3), "w3": (32, 32, 3), "w4": (6, 32, 1)}
+    inits = []
+    for k, (name, shape) in enumerate(shapes.items(), start=1):
+        fan_in = shape[1] * shape[2]
+        inits += [tensor(name, rng.normal(size=shape) * np.sqrt(2 / fan_in)),
+                  tensor(f"b{k}", 0.1 * rng.normal(size=shape[0]))]
+    return make_model(nodes, [value("x", ["N", 4, 64])], [value("y", ["N", 6, 32])], inits)
+
+
+def smooth_signals(n: int, channels: int = 4, length: int = 64, seed: int = 0) -> np.ndarray:
+    """Sums of sinusoids per channel: correlated in time, as sequences are."""
+    rng = np.random.default_rng(seed)
+    t = np.linspace(0.0, 1.0, length)
+    freq, phase, amp = (rng.uniform(lo, hi, (n, channels, 1)) for lo, hi in ((1, 6), (0, 1), (0.5, 2)))
+    return (amp * np.sin(2 * np.pi * (freq * t + phase))).astype(np.float32)
+
+
 def op_counts(model: onnx.ModelProto) -> Counter:
     return Counter(n.op_type for n in model.graph.node)
 
