@@ -18,8 +18,9 @@ _EPS = 1e-7
 
 
 def _channels_first(x: torch.Tensor, axis: int | None) -> torch.Tensor:
-    """(B, ...) -> (B, C, positions) along the output's feature axis (axis counted with the batch axis)."""
-    if axis is None:
+    """(B, ...) -> (B, C, positions) along the output's feature axis (axis counted with the batch axis). An
+    output of one value per sample (B,) is one channel."""
+    if axis is None or x.dim() < 2:
         return x.reshape(x.shape[0], 1, -1)
     return x.movedim(axis, 1).reshape(x.shape[0], x.shape[axis], -1)
 
@@ -27,7 +28,8 @@ def _channels_first(x: torch.Tensor, axis: int | None) -> torch.Tensor:
 def channel_variance(x: torch.Tensor, axis: int | None) -> torch.Tensor:
     """Per-channel variance of the teacher over samples and positions, floored so that silent channels count
     at no less than 1 % of the average (they must stay silent, not dominate)."""
-    flat = _channels_first(x, axis).transpose(0, 1).reshape(1 if axis is None else x.shape[axis], -1)
+    channels = _channels_first(x, axis)
+    flat = channels.transpose(0, 1).reshape(channels.shape[1], -1)
     var = flat.double().var(dim=1, unbiased=False).float()
     return var.clamp_min(1e-2 * float(var.mean()) + 1e-12)
 

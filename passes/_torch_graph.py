@@ -277,7 +277,25 @@ def _pad(attrs, x, pads=None, value=None, axes=None):
     torch_mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}.get(mode)
     if torch_mode is None:
         raise ModelError(f"distill: Pad mode={mode} is not supported")
-    return F.pad(x, _pads_nd(pads, x.dim()), mode=torch_mode, value=fill if torch_mode == "constant" else None)
+    if torch_mode == "constant":
+        return F.pad(x, _pads_nd(pads, x.dim()), value=fill)
+    return _pad_border(x, pads, torch_mode)
+
+
+def _pad_border(x: torch.Tensor, pads: list[int], mode: str) -> torch.Tensor:
+    """reflect/replicate padding of any rank: PyTorch pads only the last 1-3 axes of a (N, C, ...) tensor, so
+    the axes before the first padded one are folded into C (and N = 1) and unfolded afterwards."""
+    rank = x.dim()
+    padded = [a for a in range(rank) if pads[a] or pads[a + rank]]
+    if not padded:
+        return x
+    first = padded[0]
+    if rank - first > 3:
+        raise ModelError(f"distill: Pad mode={mode} over {rank - first} trailing axes is not supported")
+    lead = x.shape[:first]
+    folded = x.reshape(1, math.prod(lead), *x.shape[first:])
+    out = F.pad(folded, _pads_nd([*pads[first:rank], *pads[rank + first:]], rank - first), mode=mode)
+    return out.reshape(*lead, *out.shape[2:])
 
 
 def _flatten(attrs, x):

@@ -236,6 +236,26 @@ def test_sequence_major_outputs_train_sample_by_sample():
     assert _graph_signature(result.model) == _graph_signature(student)
 
 
+def test_one_value_per_sample_outputs_train():
+    """An output of shape [N] (silero-vad's speech probability per chunk) is one channel; it failed with
+    'Dimension out of range' in the loss."""
+    pytest.importorskip("torch")
+
+    def per_sample(noise: float) -> onnx.ModelProto:
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Squeeze", ["h", "axes"], ["y"])]
+        w = np.linspace(-1.0, 1.0, 6).reshape(6, 1) + noise * np.random.default_rng(3).standard_normal((6, 1))
+        w = tensor("w", w)
+        return make_model(nodes, [value("x", ["N", 6])], [value("y", ["N"])],
+                          [w, numpy_helper.from_array(np.array([1], np.int64), "axes")])
+
+    teacher, student = per_sample(0.0), per_sample(0.5)
+    x = np.random.default_rng(2).standard_normal((40, 6)).astype(np.float32)
+    ctx = PassContext(fit=Calibration({"x": x}, None, "vector"), seed=0, teacher=teacher, log=lambda _: None)
+    options = {"steps": 30, "eval_every": 10, "threads": 1, "lr": 3e-2, "augment": "none", "batch": 8}
+    result = make_pass("distill", options).run(student, ctx)
+    assert result.notes["val_after"]["drop"] < result.notes["val_before"]["drop"]
+
+
 def test_output_axis_given_by_the_user_is_how_distill_reads_the_output():
     """Raw per-step logits from a MatMul carry no sign of being class scores; --output-axis NAME=2:scores says so,
     and distill's loss (soft targets) and its held-out check (top-1 agreement) must read them that way too."""

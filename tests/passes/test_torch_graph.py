@@ -241,6 +241,11 @@ CASES = {
             {"boxes": np.sort(np.random.default_rng(3).random((2, 30, 4)).astype(np.float32), -1),
              "scores": np.random.default_rng(4).random((2, 3, 30)).astype(np.float32)},
             {"m": _i64(5), "iou": np.array([0.3], np.float32), "t": np.array([0.2], np.float32)}, 17),
+    # reflect / edge padding of a 2-D signal batch (silero-vad's STFT front end) and of inner axes
+    "pad_reflect_2d": (n("Pad", ["x", "p"], ["y"], mode="reflect"), {"x": X[0, 0]}, {"p": _i64(0, 2, 0, 3)}, 17),
+    "pad_edge_inner_axes": (n("Pad", ["x", "p"], ["y"], mode="edge"), {"x": X},
+                            {"p": _i64(0, 1, 0, 2, 0, 0, 1, 0)}, 17),
+    "pad_reflect_1d": (n("Pad", ["x", "p"], ["y"], mode="reflect"), {"x": X[0, 0, 0]}, {"p": _i64(2, 1)}, 17),
     "nms_center": (n("NonMaxSuppression", ["boxes", "scores", "m", "iou"], ["y"], center_point_box=1),
                    {"boxes": np.random.default_rng(5).random((1, 40, 4)).astype(np.float32),
                     "scores": np.random.default_rng(6).random((1, 2, 40)).astype(np.float32)},
