@@ -87,7 +87,7 @@ def _onnxsim_kmeans(name: str, path: Path, calib: Path, bits: float) -> list:
     b = max(1, math.floor(bits))
     original = load_model(path)
     data = load_calibration(calib, original)
-    shapes = resolve_input_shapes(original, None, data.sample_shapes())
+    shapes = resolve_input_shapes(original, None, data.feed_shapes())
     canonical = canonicalize(original, shapes)
     _, held = split(data, 0.25, 0)
     reference = Reference.build(original, canonical, held)

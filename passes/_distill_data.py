@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from rewriter.calib import Calibration
+from rewriter.calib import Calibration, sample_feed
 from rewriter.errors import ModelError
 
 NOISE_SHARE = 0.03  # noise std as a share of each input's std over the calibration set
@@ -29,14 +29,16 @@ def split_fit(fit: Calibration, share: float, cap: int, seed: int) -> tuple[Cali
 
 
 def augment(feeds: Mapping[str, np.ndarray], kinds: Sequence[str], stds: Mapping[str, float],
-            rng: np.random.Generator) -> dict[str, np.ndarray]:
+            rng: np.random.Generator, whole: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+    """Augmented copies of a batch; flips and crops only on NCHW images given as batches of 1 (an input given
+    whole per sample may hold its batch on any axis)."""
     out = {}
     for name, x in feeds.items():
         if x.dtype.kind != "f" or not kinds:
             out[name] = x
             continue
         x = x.copy()
-        image = x.ndim == 4
+        image = x.ndim == 4 and name not in whole
         if "flip" in kinds and image:
             flip = rng.random(len(x)) < 0.5
             x[flip] = x[flip][..., ::-1]
@@ -65,23 +67,23 @@ def _shifted_crops(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def run_graph(graph: torch.nn.Module, feeds: Mapping[str, np.ndarray], keep: Sequence[str],
-              batched: bool) -> dict[str, torch.Tensor]:
+              batched: bool, whole: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
     """The graph on a batch: in one run when the graph takes batches, else sample by sample, concatenated on
     axis 0. A tensor whose batch axis is not first (a recogniser's sequence-major [T, N, C]) is concatenated
     there all the same: the losses then read its first axis as more positions, which is what it is."""
     if batched:
         return graph(_tensors(feeds), keep)
-    runs = run_samples(graph, feeds, keep)
+    runs = run_samples(graph, feeds, keep, whole)
     return {name: torch.cat([r[name].reshape(1) if r[name].dim() == 0 else r[name] for r in runs])
             for name in runs[0]}
 
 
-def run_samples(graph: torch.nn.Module, feeds: Mapping[str, np.ndarray],
-                keep: Sequence[str] = ()) -> list[dict[str, torch.Tensor]]:
-    """The graph on each sample of a batch alone (batch axis 1 added back)."""
+def run_samples(graph: torch.nn.Module, feeds: Mapping[str, np.ndarray], keep: Sequence[str] = (),
+                whole: frozenset[str] = frozenset()) -> list[dict[str, torch.Tensor]]:
+    """The graph on each sample of a batch alone, fed as the Calibration feeds it."""
     tensors = _tensors(feeds)
     n = len(next(iter(tensors.values())))
-    return [graph({k: v[i: i + 1] for k, v in tensors.items()}, keep) for i in range(n)]
+    return [graph(sample_feed(tensors, i, whole), keep) for i in range(n)]
 
 
 def _tensors(feeds: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:

@@ -68,6 +68,7 @@ class Trainer:
                  ctx: PassContext) -> None:
         self.opts, self.model, self.ctx = opts, model, ctx
         self.train, self.val = split_fit(data, opts.holdout, VAL_CAP, ctx.seed)
+        self.whole = data.whole  # inputs fed whole per sample: no batching along an axis we cannot name
         self.student = TorchGraph(model, trainable_names(model))
         self.teacher, self.teacher_model = TorchGraph(teacher), teacher
         if self.student.outputs != self.teacher.outputs:
@@ -85,7 +86,8 @@ class Trainer:
         probe = next(_chunks(self.train, 2))
         mse, nst = self._features(probe)
         self.keep = keep = sorted(set(mse) | set(nst))
-        self.batched = takes_batches(self.student, probe, keep) and takes_batches(self.teacher, probe, keep)
+        self.batched = not self.whole and takes_batches(self.student, probe, keep) and takes_batches(
+            self.teacher, probe, keep)
         self.val_ref = self._outputs(self.teacher, self.val)
         self.layouts = layouts = infer_layouts(self.teacher_model, self.val_ref, self.val.labels,
                                                    self.ctx.output_axes)
@@ -120,8 +122,8 @@ class Trainer:
             return [], []
         one = {k: v[:1] for k, v in probe.items()}
         with torch.no_grad():
-            s = run_graph(self.student, one, self.rewritten, batched=False)
-            t = run_graph(self.teacher, one, self.rewritten, batched=False)
+            s = run_graph(self.student, one, self.rewritten, False, self.whole)
+            t = run_graph(self.teacher, one, self.rewritten, False, self.whole)
         floats = [n for n in self.rewritten if s[n].is_floating_point() and s[n].dim() >= 2]
         mse = [n for n in floats if s[n].shape == t[n].shape]
         nst = [n for n in floats if s[n].dim() >= 3 and s[n].shape[2:] == t[n].shape[2:] and s[n].shape[2:].numel() > 1]
@@ -135,7 +137,7 @@ class Trainer:
         with torch.no_grad():
             for feeds in _chunks(data, self.opts.batch):
                 if not self.batched:  # each sample's outputs as they are, whatever axis holds its batch of 1
-                    for run in run_samples(graph, feeds):
+                    for run in run_samples(graph, feeds, (), self.whole):
                         for name in self.names:
                             found[name].append(run[name].numpy())
                     continue
@@ -147,7 +149,8 @@ class Trainer:
     def _loss_setup(self, layouts, mse: list[str], nst: list[str]) -> LossSetup:
         stats = self.train.take(np.arange(min(len(self.train), STATS_SAMPLES)))
         with torch.no_grad():
-            runs = [run_graph(self.teacher, feeds, mse, self.batched) for feeds in _chunks(stats, self.opts.batch)]
+            runs = [run_graph(self.teacher, feeds, mse, self.batched, self.whole)
+                    for feeds in _chunks(stats, self.opts.batch)]
         joined = {name: torch.cat([r[name] for r in runs]) for name in [*self.names, *mse]}
         output_var = {n: channel_variance(joined[n], layouts[n].feature_axis) for n in self.names}
         feature_var = {n: channel_variance(joined[n], 1) for n in mse}
@@ -173,7 +176,7 @@ class Trainer:
                 order, cursor = rng.permutation(len(self.train)), 0
             index = np.sort(order[cursor: cursor + opts.batch])
             cursor += opts.batch
-            feeds = augment({k: v[index] for k, v in self.train.inputs.items()}, opts.augment, stds, rng)
+            feeds = augment({k: v[index] for k, v in self.train.inputs.items()}, opts.augment, stds, rng, self.whole)
             running.append(self._step(optimizer, feeds))
             schedule.step()
             if step % opts.eval_every and step != opts.steps and time.perf_counter() < deadline:
@@ -200,8 +203,8 @@ class Trainer:
 
     def _step(self, optimizer: torch.optim.Optimizer, feeds: Mapping[str, np.ndarray]) -> float:
         with torch.no_grad():
-            t = run_graph(self.teacher, feeds, self.keep, self.batched)
-        s = run_graph(self.student, feeds, self.keep, self.batched)
+            t = run_graph(self.teacher, feeds, self.keep, self.batched, self.whole)
+        s = run_graph(self.student, feeds, self.keep, self.batched, self.whole)
         loss = self.loss.total(self.loss(s, t))
         if not torch.isfinite(loss):
             raise ModelError("distill: the loss became non-finite; try a smaller --opt distill.lr")

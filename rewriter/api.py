@@ -71,10 +71,10 @@ def _load_calib(
 
 
 def _check_calib_shapes(calib: Calibration, shapes: Mapping[str, list[int]]) -> None:
-    for name, sample in calib.sample_shapes().items():
-        if list(sample) != list(shapes[name][1:]):
+    for name, fed in calib.feed_shapes().items():
+        if list(fed) != list(shapes[name]):
             raise UsageError(
-                f"calibration array {name!r} has samples of shape {list(sample)} but the model is "
+                f"calibration array {name!r} feeds samples of shape {list(fed)} but the model is "
                 f"built for {shapes[name]}"
             )
 
@@ -134,7 +134,7 @@ def rewrite(
     data = _load_calib(calib, original, input_shapes, seed)
     if max_drop is not None and data is None:
         raise UsageError("--max-drop needs calibration data to measure fidelity (--calib)")
-    shapes = resolve_input_shapes(original, input_shapes, data.sample_shapes() if data else None)
+    shapes = resolve_input_shapes(original, input_shapes, data.feed_shapes() if data else None)
     if data is not None:
         _check_calib_shapes(data, shapes)
     log(f"canonicalising for input shape(s) {shapes}")

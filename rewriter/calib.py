@@ -18,26 +18,41 @@ LABELS = "labels"
 
 @dataclass(frozen=True)
 class Calibration:
-    """Samples for every model input (first axis = samples) and optional labels."""
+    """Samples for every model input (first axis = samples) and optional labels.
+
+    An input's array either has the input's rank, each sample a batch of 1 (`x[i:i+1]`), or one axis more,
+    each sample the whole input (`x[i]`, listed in `whole`): that form feeds inputs whose batch axis is not
+    first (an LSTM's state [layers, batch, hidden]) and scalars (a sample rate)."""
 
     inputs: Mapping[str, np.ndarray]
     labels: np.ndarray | None
     source: str
+    whole: frozenset[str] = frozenset()
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
 
     def take(self, index: np.ndarray) -> Calibration:
         labels = None if self.labels is None else self.labels[index]
-        return Calibration({k: v[index] for k, v in self.inputs.items()}, labels, self.source)
+        return Calibration({k: v[index] for k, v in self.inputs.items()}, labels, self.source, self.whole)
+
+    def feed(self, i: int) -> dict[str, np.ndarray]:
+        """Sample i as the model takes it (models are canonicalised to batch 1)."""
+        return sample_feed(self.inputs, i, self.whole)
 
     def samples(self) -> Iterator[dict[str, np.ndarray]]:
-        """One feed per sample, batch axis kept (models are canonicalised to batch 1)."""
         for i in range(len(self)):
-            yield {k: v[i : i + 1] for k, v in self.inputs.items()}
+            yield self.feed(i)
 
-    def sample_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: v.shape[1:] for k, v in self.inputs.items()}
+    def feed_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape each input is fed at."""
+        return {k: v.shape[1:] if k in self.whole else (1, *v.shape[1:]) for k, v in self.inputs.items()}
+
+
+def sample_feed(arrays: Mapping, i: int, whole: frozenset[str]) -> dict:
+    """Sample i of arrays (numpy or torch) in the Calibration layout."""
+    # [i, ...] keeps a scalar input a 0-d array (onnxruntime refuses numpy scalars)
+    return {k: v[i, ...] if k in whole else v[i : i + 1] for k, v in arrays.items()}
 
 
 def _input_dtypes(model: onnx.ModelProto) -> dict[str, np.dtype]:
@@ -82,8 +97,9 @@ def check_arrays(
     counts = {len(a) if a.ndim else 0 for a in arrays.values()}
     if len(counts) != 1 or 0 in counts:
         raise UsageError("calibration arrays must all have the same, non-zero number of samples")
+    whole = frozenset(v.name for v in graph_inputs(model) if arrays[v.name].ndim == len(declared_shape(v)) + 1)
     for value in graph_inputs(model):
-        _check_sample_shape(value.name, declared_shape(value), arrays[value.name].shape)
+        _check_sample_shape(value.name, declared_shape(value), arrays[value.name].shape, value.name in whole)
     if labels is not None and (labels.ndim != 1 or len(labels) != counts.pop()):
         raise UsageError("calibration 'labels' must be 1-D with one label per sample")
     if labels is not None and (labels.dtype.kind not in "iub" and not (
@@ -91,7 +107,7 @@ def check_arrays(
             or (labels.size and labels.min() < 0)):
         raise UsageError("calibration 'labels' must be non-negative integer class indices")
     cast = {k: np.ascontiguousarray(v, dtype=dtypes[k]) for k, v in arrays.items()}
-    return Calibration(cast, None if labels is None else labels.astype(np.int64), source)
+    return Calibration(cast, None if labels is None else labels.astype(np.int64), source, whole)
 
 
 def _check_values(name: str, array: np.ndarray) -> None:
@@ -104,13 +120,14 @@ def _check_values(name: str, array: np.ndarray) -> None:
                          f"{list(map(int, index))}")
 
 
-def _check_sample_shape(name: str, declared: list[int | str], shape: tuple[int, ...]) -> None:
-    if len(shape) != len(declared):
+def _check_sample_shape(name: str, declared: list[int | str], shape: tuple[int, ...], whole: bool) -> None:
+    if len(shape) != len(declared) and not whole:
         raise UsageError(
-            f"calibration array {name!r} has shape {list(shape)}; the model's input is {declared} "
-            "(samples go on the first axis)"
+            f"calibration array {name!r} has shape {list(shape)}; the model's input is {declared}: give samples "
+            f"on the first axis, as batches of 1 (rank {len(declared)}) or as whole inputs (rank {len(declared) + 1})"
         )
-    for want, got in zip(declared[1:], shape[1:], strict=True):
+    pairs = zip(declared, shape[1:], strict=True) if whole else zip(declared[1:], shape[1:], strict=True)
+    for want, got in pairs:
         if isinstance(want, int) and want > 0 and want != got:
             raise UsageError(
                 f"calibration array {name!r} has samples of shape {list(shape[1:])}; "
@@ -121,16 +138,17 @@ def _check_sample_shape(name: str, declared: list[int | str], shape: tuple[int, 
 def synthetic_calibration(
     model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]], count: int, seed: int
 ) -> Calibration:
-    """Uniform [0, 1) floats (or small integers) of the fixed input shapes; only when asked for."""
+    """Uniform [0, 1) floats (or small integers) of the fixed input shapes, whole inputs (whichever axis is the
+    batch); only when asked for."""
     rng = np.random.default_rng(seed)
     arrays = {}
     for name, dtype in _input_dtypes(model).items():
-        shape = (count, *input_shapes[name][1:])
+        shape = (count, *input_shapes[name])
         if np.issubdtype(dtype, np.floating):
             arrays[name] = rng.random(shape).astype(dtype)
         else:
             arrays[name] = rng.integers(0, 2, shape).astype(dtype)
-    return Calibration(arrays, None, "synthetic")
+    return Calibration(arrays, None, "synthetic", frozenset(arrays))
 
 
 def split(calib: Calibration, holdout: float, seed: int) -> tuple[Calibration, Calibration]:

@@ -51,12 +51,12 @@ def parse_input_shape(text: str) -> tuple[str, list[int]]:
 def resolve_input_shapes(
     model: onnx.ModelProto,
     given: Mapping[str, Sequence[int]] | None = None,
-    sample_shapes: Mapping[str, Sequence[int]] | None = None,
+    feed_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, list[int]]:
-    """One static shape per input: --input-shape first, then a calibration sample (batch 1),
+    """One static shape per input: --input-shape first, then a calibration sample's (batch 1),
     then the declared shape; a lone dynamic leading dim is taken as batch 1."""
     given = dict(given or {})
-    sample_shapes = dict(sample_shapes or {})
+    feed_shapes = dict(feed_shapes or {})
     names = [v.name for v in graph_inputs(model)]
     unknown = sorted(set(given) - set(names))
     if unknown:
@@ -66,8 +66,8 @@ def resolve_input_shapes(
         declared = declared_shape(value)
         if value.name in given:
             shape = list(given[value.name])
-        elif value.name in sample_shapes:
-            shape = [1, *sample_shapes[value.name]]
+        elif value.name in feed_shapes:
+            shape = list(feed_shapes[value.name])
         else:
             shape = [1 if i == 0 and not isinstance(d, int) else d for i, d in enumerate(declared)]
         _check_compatible(value.name, declared, shape)
@@ -128,7 +128,8 @@ def canonicalize(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int
     detached = detach(model, _DETACH_MIN_BYTES) if large else None
     kept = _KEPT_STRUCTURE + (_READS_WEIGHTS if large else ())
     skip = [p for p in DEFAULT_FUSION_PATTERNS if p in kept]
-    spec = [f"{name}:{','.join(str(d) for d in shape)}" for name, shape in input_shapes.items()]
+    # a scalar input has nothing to fix (and onnxslim cannot parse an empty shape)
+    spec = [f"{name}:{','.join(str(d) for d in shape)}" for name, shape in input_shapes.items() if len(shape)]
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             slim = onnxslim.slim(detached.model if large else model, input_shapes=spec, skip_fusion_patterns=skip)

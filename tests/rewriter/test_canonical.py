@@ -47,7 +47,7 @@ def test_constants_folded_shapes_fixed_bn_kept():
 
 def test_input_shapes_resolution():
     model = _paddle_like()
-    assert resolve_input_shapes(model, sample_shapes={"x": (3, 32, 48)}) == {"x": [1, 3, 32, 48]}
+    assert resolve_input_shapes(model, feed_shapes={"x": (1, 3, 32, 48)}) == {"x": [1, 3, 32, 48]}
     assert resolve_input_shapes(model, given={"x": [1, 3, 16, 16]}) == {"x": [1, 3, 16, 16]}
     with pytest.raises(UsageError, match="dynamic dims"):
         resolve_input_shapes(model)
