@@ -126,8 +126,7 @@ def _check_sample_shape(name: str, declared: list[int | str], shape: tuple[int, 
             f"calibration array {name!r} has shape {list(shape)}; the model's input is {declared}: give samples "
             f"on the first axis, as batches of 1 (rank {len(declared)}) or as whole inputs (rank {len(declared) + 1})"
         )
-    pairs = zip(declared, shape[1:], strict=True) if whole else zip(declared[1:], shape[1:], strict=True)
-    for want, got in pairs:
+    for want, got in zip(declared if whole else declared[1:], shape[1:], strict=True):
         if isinstance(want, int) and want > 0 and want != got:
             raise UsageError(
                 f"calibration array {name!r} has samples of shape {list(shape[1:])}; "
