@@ -377,7 +377,9 @@ def _slice(cg: ChannelGraph, node: onnx.NodeProto) -> None:
 
 def _reshape(cg: ChannelGraph, node: onnx.NodeProto) -> None:
     """Reshapes that keep every axis up to the channel axis keep the channels; flattening (N, C, ...) into
-    (N, C * S) repeats each channel S times; anything else mixes channels and blocks them."""
+    (N, C * S) repeats each channel S times; a channel axis that is last and stays last with its size (the
+    (N, T, C) <-> (N * T, C) around a Gemm that exporters and onnxslim's MatMul fusion write) moves to the
+    last axis; anything else mixes channels and blocks them."""
     info = cg.tensors.get(node.input[0])
     src, dst = cg.view.static_shape(node.input[0]), cg.view.static_shape(node.output[0])
     if info is None:
@@ -394,6 +396,8 @@ def _reshape(cg: ChannelGraph, node: onnx.NodeProto) -> None:
     elif a == 1 and len(dst) == 2 and dst[0] == src[0]:
         spread = math.prod(src[2:])
         cg.tensors[node.output[0]] = Channels(1, tuple(x for x in info.atoms for _ in range(spread)))
+    elif a == len(src) - 1 and dst and dst[-1] == src[-1]:
+        cg.tensors[node.output[0]] = Channels(len(dst) - 1, info.atoms)
     else:
         unknown(cg, node)
         return

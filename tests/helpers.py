@@ -45,6 +45,27 @@ def mlp_model(seed: int = 0, dims=(16, 32, 8)) -> onnx.ModelProto:
     return make_model(nodes, [value("x", ["N", d0])], [value("y", ["N", d2])], inits)
 
 
+def token_mlp_model(seed: int = 0, tokens: int = 6, dims=(8, 24)) -> onnx.ModelProto:
+    """A transformer's MLP as paddle2onnx and onnxslim write it: x[N, T, C] -> Reshape [N*T, C] -> Gemm ->
+    Reshape [N, T, H] -> Relu -> Reshape [N*T, H] -> Gemm -> Reshape -> y[N, T, C]."""
+    rng = np.random.default_rng(seed)
+    c, h = dims
+    shapes = {"to_rows": [-1, c], "to_tokens": [-1, tokens, h], "to_rows2": [-1, h], "to_out": [-1, tokens, c]}
+    nodes = [
+        helper.make_node("Reshape", ["x", "to_rows"], ["rows"], name="pre1"),
+        helper.make_node("Gemm", ["rows", "w1", "b1"], ["h"], name="fc1"),
+        helper.make_node("Reshape", ["h", "to_tokens"], ["ht"], name="post1"),
+        helper.make_node("Relu", ["ht"], ["r"], name="relu"),
+        helper.make_node("Reshape", ["r", "to_rows2"], ["rows2"], name="pre2"),
+        helper.make_node("Gemm", ["rows2", "w2", "b2"], ["y_rows"], name="fc2"),
+        helper.make_node("Reshape", ["y_rows", "to_out"], ["y"], name="post2"),
+    ]
+    inits = [tensor("w1", rng.normal(size=(c, h)) / np.sqrt(c)), tensor("b1", rng.normal(size=h) * 0.1),
+             tensor("w2", rng.normal(size=(h, c)) / np.sqrt(h)), tensor("b2", rng.normal(size=c) * 0.1)]
+    inits += [numpy_helper.from_array(np.array(v, dtype=np.int64), k) for k, v in shapes.items()]
+    return make_model(nodes, [value("x", ["N", tokens, c])], [value("y", ["N", tokens, c])], inits)
+
+
 def conv_model(seed: int = 0, channels=(3, 16, 32), size: int = 12, group2: int = 1) -> onnx.ModelProto:
     """x[N, c0, s, s] -> Conv3x3 -> Relu -> Conv3x3(stride 2, group2) -> y."""
     rng = np.random.default_rng(seed)

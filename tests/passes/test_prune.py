@@ -14,7 +14,7 @@ from rewriter.passes._prune_fit import lasso_select
 from rewriter.passes.prune import PrunePass
 from rewriter.pipeline import checked
 from tests.channel_nets import Net
-from tests.helpers import CALIB, SAMPLES, run_ort
+from tests.helpers import CALIB, SAMPLES, run_ort, save_npz, token_mlp_model
 
 
 def _context(n: int = 24, seed: int = 0) -> PassContext:
@@ -223,3 +223,16 @@ def test_blocks_drop_the_cheapest_residual_branch_and_refit_the_next_layer():
     assert report["output"]["macs"] < 0.8 * report["input"]["macs"]
     fid = report["fidelity"]
     assert fid["accuracy_after"] >= fid["accuracy_before"] - 0.02
+
+
+def test_hidden_units_of_a_token_mlp_behind_reshapes_are_pruned(tmp_path):
+    model = token_mlp_model()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 6, 8)).astype(np.float32)
+    calib = save_npz(tmp_path / "tokens.npz", x=x)
+    result = rewrite(model, passes=["prune"], calib=calib, options={"prune": {"ratio": 0.5}})
+    group = next(g for g in result.report["passes"][0]["notes"]["groups"].values() if "fc2" in g["consumers"])
+    assert (group["size_before"], group["size_after"]) == (24, 12)
+    y = run_ort(result.model, {"x": x[:5]})[0]
+    assert y.shape == (5, 6, 8)
+    assert result.report["fidelity"]["cosine"] > 0.9

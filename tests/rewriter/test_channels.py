@@ -9,7 +9,7 @@ from rewriter.canonical import canonicalize
 from rewriter.channels import build_channel_graph
 from rewriter.pipeline import checked
 from tests.channel_nets import Net
-from tests.helpers import SAMPLES
+from tests.helpers import SAMPLES, token_mlp_model
 
 
 def _group(cg, producer: str):
@@ -99,3 +99,11 @@ def test_flatten_into_gemm_spreads_each_channel_over_its_positions():
     assert spread > 1
     assert [cg.positions(node.input[0], u) for u in last.units[:2]] == [
         list(range(0, spread)), list(range(spread, 2 * spread))]
+
+
+def test_a_last_channel_axis_follows_reshapes_that_keep_it_last():
+    cg = build_channel_graph(checked(canonicalize(token_mlp_model(), {"x": [1, 6, 8]}), "test"))
+    hidden = next(g for g in cg.groups() if g.size == 24)
+    assert hidden.blocked is None
+    assert hidden.producers == ["fc1"] and hidden.consumers == ["fc2"]
+    assert cg.tensors["ht"].axis == 2 and cg.tensors["rows2"].axis == 1
