@@ -396,12 +396,21 @@ def _reshape(cg: ChannelGraph, node: onnx.NodeProto) -> None:
     elif a == 1 and len(dst) == 2 and dst[0] == src[0]:
         spread = math.prod(src[2:])
         cg.tensors[node.output[0]] = Channels(1, tuple(x for x in info.atoms for _ in range(spread)))
-    elif a == len(src) - 1 and dst and dst[-1] == src[-1]:
+    elif a == len(src) - 1 and dst and dst[-1] == src[-1] and _writes_last_dim(cg, node, len(src)):
         cg.tensors[node.output[0]] = Channels(len(dst) - 1, info.atoms)
     else:
         unknown(cg, node)
         return
     cg.roles[node_label(node)] = "member"
+
+
+def _writes_last_dim(cg: ChannelGraph, node: onnx.NodeProto, src_rank: int) -> bool:
+    """The Reshape's target names its last size (or -1), so slicing can rewrite it; a 0 copies the input's size
+    at that index, which is the channel count only when the rank does not change."""
+    if node.op_type != "Reshape":
+        return True
+    target = cg.view.constant(node.input[1])
+    return target[-1] != 0 or len(target) == src_rank
 
 
 def _shape_only(cg: ChannelGraph, node: onnx.NodeProto) -> None:
