@@ -2,7 +2,8 @@
 
 Outputs arrive as one array per sample (as onnxruntime returns them), so outputs without a batch axis
 or with a varying number of rows (NMS-style detectors) are compared sample by sample. Each output is
-read along its own feature axis (see layouts.py): the worst per-channel cosine there, top-1 agreement
+read along its own feature axis (see layouts.py): the worst per-channel cosine there (over the classes
+either model picks, on a softmax class axis), top-1 agreement
 per position along the class axis, and the mean per-sample cosine all feed `drop`, the figure that
 --max-drop limits.
 """
@@ -59,6 +60,21 @@ def channel_cosines(pairs: list[tuple[np.ndarray, np.ndarray]], axis: int | None
     energy = np.einsum("ij,ij->i", a, a)
     silent = np.sqrt(SILENT_CHANNEL * max(float(energy.mean()), 1e-300))
     return _cosine_rows(a, b, silent)
+
+
+def absent_classes(pairs: list[tuple[np.ndarray, np.ndarray]], layout: OutputLayout) -> np.ndarray | None:
+    """Probability channels (softmax along the feature axis) that neither model ever ranks first or scores at
+    SCORE_THRESHOLD at any position: they decide nothing, and a recogniser's thousands of unseen characters carry
+    probabilities near 1e-6 whose cosine reads noise. None where the output is not such a class axis."""
+    if layout.scores not in ("softmax", "probabilities") or layout.class_channels is not None:
+        return None
+    present = None
+    for r, n in pairs:
+        for scores in (_scores(r, layout), _scores(n, layout)):
+            hit = scores.max(axis=0) >= SCORE_THRESHOLD
+            hit[scores.argmax(axis=1)] = True
+            present = hit if present is None else present | hit
+    return None if present is None else ~present
 
 
 def _scores(value: np.ndarray, layout: OutputLayout) -> np.ndarray:
@@ -131,6 +147,10 @@ def _output_figures(ref: Samples, new: Samples, layout: OutputLayout, labels: np
     if not pairs:
         return {**figures, "channel_cosine_min": 0.0, "worst_channel": None, "rel_l2": 1.0}
     cosines = channel_cosines(pairs, layout.feature_axis)
+    absent = absent_classes(pairs, layout)
+    if absent is not None:
+        cosines[absent] = 1.0
+        figures["classes_scored"] = int((~absent).sum())
     ref_norm = np.sqrt(sum(float(np.sum(r * r)) for r, _ in pairs))
     err_norm = np.sqrt(sum(float(np.sum((n - r) ** 2)) for r, n in pairs))
     figures.update(channel_cosine_min=float(cosines.min()), worst_channel=int(cosines.argmin()),

@@ -162,6 +162,29 @@ def test_silent_channel_is_not_a_cosine_of_zero():
     assert fid["channel_cosine_min"] > 1 - 1e-9 and fid["drop"] < 1e-6
 
 
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def test_classes_no_model_ever_picks_are_not_scored_but_a_picked_one_is():
+    """A recogniser's output: [T, classes] probabilities per sample, four classes in use and 60 never seen."""
+    rng = np.random.default_rng(0)
+    logits = [np.full((1, 20, 64), -12.0) + rng.normal(size=(1, 20, 64)) for _ in range(6)]
+    for x in logits:
+        x[0, np.arange(20), rng.integers(0, 4, 20)] = 4.0
+    ref = [_softmax(x) for x in logits]
+    unseen = [_softmax(x + np.pad(rng.normal(size=(1, 20, 60)) * 2, ((0, 0), (0, 0), (4, 0)))) for x in logits]
+    layout = OutputLayout(2, "softmax")
+    fid = compare(["p"], {"p": ref}, {"p": unseen}, {"p": layout})
+    assert fid["outputs"]["p"]["classes_scored"] == 4
+    assert fid["channel_cosine_min"] > 0.999 and fid["top1_agreement"] == 1.0
+    picked = [x.copy() for x in logits]
+    picked[0][0, 3, 40] = 8.0  # one step now reads an unseen class
+    fid = compare(["p"], {"p": ref}, {"p": [_softmax(x) for x in picked]}, {"p": layout})
+    assert fid["outputs"]["p"]["classes_scored"] == 5 and fid["channel_cosine_min"] < 0.5
+
+
 def test_embedding_is_not_scored_by_top1():
     rng = np.random.default_rng(4)
     ref = [rng.normal(size=(1, 64)) for _ in range(40)]
