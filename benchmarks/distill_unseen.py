@@ -1,9 +1,11 @@
-"""The README's check of `--passes prune,pq,distill` on models from another exporter (ddddocr's wheel): its
-CNN + BiLSTM text recogniser on word spans of scikit-image's scanned page (`--samples`, default 64), its
-YOLOX-style detector on 48 click-captcha-like images (characters drawn on crops of scikit-image's photographs).
+"""The README's check of `--passes prune,pq,distill` on models from other exporters: ddddocr's CNN + BiLSTM text
+recogniser on word spans of scikit-image's scanned page (`--samples`, default 64), its YOLOX-style detector on 48
+click-captcha-like images (characters drawn on crops of scikit-image's photographs), and PP-OCRv4's recogniser
+(paddle2onnx, CNN + SVTR transformer, softmax over 6,625 characters) on the same page's lines.
 Prints each pass's MACs, bytes and held-out fidelity (the pipeline's own).
 
     python benchmarks/distill_unseen.py rec            # the recogniser (a few minutes)
+    python benchmarks/distill_unseen.py ppocr_rec      # PP-OCRv4's recogniser
     python benchmarks/distill_unseen.py det --steps 60 # the detector
     python benchmarks/distill_unseen.py rec --passes prune --budget macs=0.704   # per-group prune to a budget
     python benchmarks/distill_unseen.py rec --options '{"pq": {"max_error": 0.15}}'  # more pass options
@@ -21,7 +23,7 @@ from common import REPO
 
 sys.path.insert(0, str(REPO))
 
-from fetch_real_models import default_cache, fetch_extra_models, recogniser_spans  # noqa: E402
+from fetch_real_models import default_cache, fetch_extra_models, rec_lines, recogniser_spans  # noqa: E402
 
 from rewriter import rewrite  # noqa: E402
 
@@ -75,9 +77,9 @@ def click_captchas(count: int, rng: np.random.Generator) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", choices=["rec", "det"])
+    parser.add_argument("model", choices=["rec", "det", "ppocr_rec"])
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--samples", type=int, default=64, help="recogniser: word spans in the calibration set")
+    parser.add_argument("--samples", type=int, default=64, help="recognisers: lines in the calibration set")
     parser.add_argument("--passes", default="prune,pq,distill")
     parser.add_argument("--budget", help="KEY=VALUE, e.g. macs=0.704: --budget of the rewrite")
     parser.add_argument("--options", default="{}", help="JSON {pass: {option: value}} merged over the defaults")
@@ -89,6 +91,8 @@ def main() -> None:
     models = fetch_extra_models(default_cache())
     if args.model == "det":
         calib, path = {"images": click_captchas(48, np.random.default_rng(0))}, models["ddddocr_det"]
+    elif args.model == "ppocr_rec":
+        calib, path = {"x": rec_lines(args.samples, np.random.default_rng(0))}, models["ppocr_rec"]
     else:
         calib, path = {"input1": recogniser_spans(args.samples, np.random.default_rng(0))}, models["ddddocr_rec"]
     options = {"distill": {"steps": args.steps, "batch": 4, "minutes": 8, "eval_every": 10}}

@@ -39,10 +39,13 @@ MODEL_FILES = {"yolov8n": "yolov8n.onnx", "dbnet": "dbnet_det.onnx",
                "mobilenetv3_cls": "mobilenetv3_cls.onnx"}
 # Models from another exporter, kept apart from the proving ground: a CNN + bidirectional LSTM text recogniser
 # ([T, N, classes] output) and a YOLOX-style detector ([N, anchors, 4 + 1 + 1]).
+# PP-OCRv4's recogniser (paddle2onnx: a CNN and an SVTR transformer neck, CTC softmax over 6,625 characters)
+# comes from the proving ground's wheel but is checked with them.
 EXTRA_WHEELS: dict[str, dict[str, str]] = {
     "ddddocr==1.6.1": {"ddddocr/common.onnx": "ddddocr_rec.onnx", "ddddocr/common_det.onnx": "ddddocr_det.onnx"},
+    "rapidocr-onnxruntime==1.4.4": {"rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx": "ppocr_rec.onnx"},
 }
-EXTRA_FILES = {"ddddocr_rec": "ddddocr_rec.onnx", "ddddocr_det": "ddddocr_det.onnx"}
+EXTRA_FILES = {"ddddocr_rec": "ddddocr_rec.onnx", "ddddocr_det": "ddddocr_det.onnx", "ppocr_rec": "ppocr_rec.onnx"}
 DEFAULT_SAMPLES = {"yolov8n": 64, "dbnet": 32, "mobilenetv3_cls": 64}
 # images bundled in the scikit-image wheel (colour, then greyscale scenes and scans)
 SKIMAGE_FILES = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
@@ -269,12 +272,12 @@ def _sub_window(line: Image.Image, rng: np.random.Generator) -> Image.Image:
     return line.crop((x0, 0, x0 + cw, h))
 
 
-def cls_input(line: Image.Image) -> np.ndarray:
-    """rapidocr cls preprocessing: BGR, height 48, keep aspect (width <= 192), pad right with 0."""
+def cls_input(line: Image.Image, width: int = CLS_W) -> np.ndarray:
+    """rapidocr cls/rec preprocessing: BGR, height 48, keep aspect (width <= `width`), pad right with 0."""
     w, h = line.size
-    rw = min(CLS_W, int(np.ceil(CLS_H * w / h)))
+    rw = min(width, int(np.ceil(CLS_H * w / h)))
     x = (_nchw([line.resize((rw, CLS_H), Image.BILINEAR)], bgr=True)[0] - 0.5) / 0.5
-    out = np.zeros((3, CLS_H, CLS_W), dtype=np.float32)
+    out = np.zeros((3, CLS_H, width), dtype=np.float32)
     out[:, :, :rw] = x
     return out
 
@@ -292,6 +295,14 @@ def cls_calib(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     # skimage's text.png (handwriting on ruled paper, in perspective) gives no clean lines
     x, labels = direction_set(text_lines(_skimage_image("page.png")), (n + 1) // 2, rng)
     return {"x": x[:n], "labels": labels[:n]}
+
+
+def rec_lines(count: int, rng: np.random.Generator, width: int = 320) -> np.ndarray:
+    """`count` upright text lines of page.png (every line once, then random word spans) as PP-OCRv4's recogniser
+    reads them ([N, 3, 48, width])."""
+    lines = text_lines(_skimage_image("page.png"))
+    picked = [lines[k] if k < len(lines) else _sub_window(lines[k % len(lines)], rng) for k in range(count)]
+    return np.stack([cls_input(line, width) for line in picked])
 
 
 def recogniser_spans(count: int, rng: np.random.Generator, height: int = 64, width: int = 160) -> np.ndarray:

@@ -1,6 +1,7 @@
-"""Real models from another exporter than the proving ground's: a CNN + bidirectional LSTM text recogniser and
-a YOLOX-style detector (ddddocr's wheel). The recogniser builds for x86 through the LSTM unrolling and answers
-like onnxruntime; the fidelity of both is read along their real feature axes."""
+"""Real models from other exporters than the proving ground's: a CNN + bidirectional LSTM text recogniser and
+a YOLOX-style detector (ddddocr's wheel), PP-OCRv4's CNN + SVTR recogniser (paddle2onnx). The LSTM recogniser
+builds for x86 through the LSTM unrolling and answers like onnxruntime; the fidelity of all is read along their
+real feature axes."""
 
 from __future__ import annotations
 
@@ -56,3 +57,18 @@ def test_yolox_detector_is_read_along_its_last_axis(models):
     result = rewrite(models["ddddocr_det"], calib={"images": x})
     layout = result.report["fidelity"]["outputs"]["output"]["layout"]
     assert layout["feature_axis"] == 2 and layout["box_channels"] == [0, 4] and layout["scores"] == "sigmoid"
+
+
+def test_svtr_recogniser_prunes_its_transformer_mlps_behind_reshapes(models):
+    from fetch_real_models import rec_lines
+
+    lines = rec_lines(24, np.random.default_rng(0))
+    result = rewrite(models["ppocr_rec"], passes=["prune"], calib={"x": lines})
+    groups = result.report["passes"][0]["notes"]["groups"]
+    mlps = [g for g in groups.values() if "skipped" not in g and any("MatMul" in c for c in g["consumers"])]
+    assert len(mlps) == 2 and all(g["size_after"] < g["size_before"] for g in mlps)
+    fid = result.report["fidelity"]
+    assert 0 < fid["outputs"]["softmax_11.tmp_0"]["classes_scored"] < 200  # of 6,625 characters
+    assert fid["top1_agreement"] > 0.8
+    (probs,) = run_ort(result.model, {"x": lines[:1]})  # onnxslim bakes batch 1 into its Gemm reshapes
+    assert probs.shape == (1, 40, 6625)

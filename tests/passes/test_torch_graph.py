@@ -401,6 +401,14 @@ def test_ddddocr_recogniser_and_detector_match_onnxruntime(extra_models):
 
 
 @pytest.mark.slow
+def test_svtr_recogniser_matches_onnxruntime(extra_models):
+    from fetch_real_models import rec_lines
+
+    feeds = {"x": rec_lines(1, np.random.default_rng(0))}
+    _check(_canonical(extra_models["ppocr_rec"], feeds), feeds)  # attention, decomposed LayerNorm, HardSwish
+
+
+@pytest.mark.slow
 def test_qdq_int8_smart_turn_follows_unfused_onnxruntime():
     import onnxruntime as ort
 
