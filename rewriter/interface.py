@@ -64,7 +64,8 @@ def _run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray
 
 def _free_batch_in_reshapes(model: onnx.ModelProto) -> None:
     """Reshapes whose target copies the fitted batch (folded into a constant, e.g. [1, 4, 16, 2100]) get 0 there,
-    "copy the input's dim", so that the batch can open again. The batch check tells whether that sufficed."""
+    "copy the input's dim"; those that fold a batch of 1 into the next axis or split it off again get -1 there.
+    Then the batch can open again; the batch check tells whether that sufficed."""
     view = GraphView(model)
     inner_shapes = _subgraph_shapes(model.graph)
     for node in _all_nodes(model.graph):  # If branches too: a tail behind an early exit holds Reshapes
@@ -74,12 +75,23 @@ def _free_batch_in_reshapes(model: onnx.ModelProto) -> None:
         source = view.shape(node.input[0]) or inner_shapes.get(node.input[0])
         if target is None or target.ndim != 1 or not len(target) or not source or source[0] is None:
             continue
-        if int(target[0]) == source[0] and source[0] > 0 and not attributes(node).get("allowzero", 0):
-            freed = target.copy()
-            freed[0] = 0
+        freed = _freed_target([int(t) for t in target], source, bool(attributes(node).get("allowzero", 0)))
+        if freed is not None:
             name = unique_name(model, f"{node.input[1]}_batch")
-            model.graph.initializer.append(numpy_helper.from_array(freed.astype(target.dtype), name))
+            model.graph.initializer.append(numpy_helper.from_array(np.array(freed, dtype=target.dtype), name))
             node.input[1] = name
+
+
+def _freed_target(target: list[int], source: list[int | None], allowzero: bool) -> list[int] | None:
+    """The Reshape target with the batch left open, or None where it does not carry the fitted batch."""
+    if target[0] == source[0] and source[0] > 0 and not allowzero:
+        return [0, *target[1:]]
+    if -1 in target:
+        return None
+    # (1, T, C) -> (T, C) and back: onnxslim writes this pair around the Gemm it fuses from a 3-D MatMul + Add
+    merges = source[0] == 1 and len(target) == len(source) - 1 and target[0] == source[1] and target[1:] == source[2:]
+    splits = len(target) == len(source) + 1 and target[0] == 1 and target[1:] == source
+    return [-1, *target[1:]] if merges or splits else None
 
 
 def _all_nodes(graph: onnx.GraphProto):
@@ -182,6 +194,16 @@ def _batch_error(open_model, static_out: list[list[np.ndarray]], feed) -> tuple[
     return "", outputs
 
 
+def _fixed_rows_error(original: onnx.ModelProto, outputs: list[np.ndarray]) -> str:
+    """An output the original declares with a fixed first dim over 1 has no batch there: a batch must not grow it
+    (a Reshape that folded the batch into its rows would, once freed). A declared 1 is often an exported batch."""
+    for value, out in zip(original.graph.output, outputs, strict=True):
+        first = declared_shape(value)[:1]
+        if first and isinstance(first[0], int) and first[0] > 1 and out.ndim and out.shape[0] != first[0]:
+            return f"a batch changes output {value.name!r}, whose first dim the model fixes at {first[0]}"
+    return ""
+
+
 def _size_error(original, open_model, static_out: list[np.ndarray], feed, grown) -> tuple[str, list[np.ndarray]]:
     """At a second size the model must give the original's output shapes and answer like it as well as before."""
     outputs, reference = _run(open_model, grown), _run(original, grown)
@@ -207,6 +229,7 @@ def _attempt(original, final, dims: dict[Dim, str], feeds: list[dict[str, np.nda
         check_model(open_model, full_check=True)
         if batch:
             error, outputs = _batch_error(open_model, static_out, _batched(feeds[:count], batch))
+            error = error or _fixed_rows_error(original, outputs)
             if error:
                 return _Check(None, error)
             varied.append(outputs)

@@ -45,12 +45,15 @@ def mlp_model(seed: int = 0, dims=(16, 32, 8)) -> onnx.ModelProto:
     return make_model(nodes, [value("x", ["N", d0])], [value("y", ["N", d2])], inits)
 
 
-def token_mlp_model(seed: int = 0, tokens: int = 6, dims=(8, 24)) -> onnx.ModelProto:
+def token_mlp_model(seed: int = 0, tokens: int = 6, dims=(8, 24), batch_one: bool = False) -> onnx.ModelProto:
     """A transformer's MLP as paddle2onnx and onnxslim write it: x[N, T, C] -> Reshape [N*T, C] -> Gemm ->
-    Reshape [N, T, H] -> Relu -> Reshape [N*T, H] -> Gemm -> Reshape -> y[N, T, C]."""
+    Reshape [N, T, H] -> Relu -> Reshape [N*T, H] -> Gemm -> Reshape -> y[N, T, C]; `batch_one`: the targets
+    hold an exported batch of 1 ([T, C], [1, T, H]) as onnxslim folds them."""
     rng = np.random.default_rng(seed)
     c, h = dims
-    shapes = {"to_rows": [-1, c], "to_tokens": [-1, tokens, h], "to_rows2": [-1, h], "to_out": [-1, tokens, c]}
+    n = 1 if batch_one else -1
+    rows = tokens if batch_one else -1
+    shapes = {"to_rows": [rows, c], "to_tokens": [n, tokens, h], "to_rows2": [rows, h], "to_out": [n, tokens, c]}
     nodes = [
         helper.make_node("Reshape", ["x", "to_rows"], ["rows"], name="pre1"),
         helper.make_node("Gemm", ["rows", "w1", "b1"], ["h"], name="fc1"),

@@ -7,7 +7,7 @@ import onnx
 from onnx import helper
 
 from rewriter import rewrite
-from tests.helpers import CALIB, SAMPLES, make_model, run_ort, tensor, value
+from tests.helpers import CALIB, SAMPLES, make_model, run_ort, tensor, token_mlp_model, value
 
 
 def _dims(v: onnx.ValueInfoProto) -> list:
@@ -42,6 +42,19 @@ def test_batch_folded_into_a_reshape_constant_is_opened_again(tmp_path):
     assert result.report["interface"]["restored"] == {"x[0]": "N"}
     x = np.random.default_rng(1).normal(size=(4, 6, 10)).astype(np.float32)
     assert run_ort(result.model, {"x": x})[0].shape == (4, 3)
+
+
+def test_a_batch_folded_into_rows_around_a_gemm_and_split_off_again_is_opened(tmp_path):
+    """onnxslim's MatMul + Add -> Gemm fusion writes [1, T, C] -> [T, C] -> Gemm -> [1, T, H] with the batch of 1
+    folded into both targets (PP-OCRv4's recogniser kept a static batch for it)."""
+    path = tmp_path / "m.onnx"
+    onnx.save(token_mlp_model(batch_one=True), path)
+    result = rewrite(path, calib="synthetic")
+    assert result.report["interface"]["restored"] == {"x[0]": "N"}
+    x = np.random.default_rng(1).normal(size=(4, 6, 8)).astype(np.float32)
+    (together,) = run_ort(result.model, {"x": x})
+    one_by_one = np.concatenate([run_ort(result.model, {"x": x[i:i + 1]})[0] for i in range(4)])
+    np.testing.assert_allclose(together, one_by_one, rtol=1e-5, atol=1e-5)
 
 
 def test_a_graph_that_mixes_samples_keeps_its_batch_static_and_says_why(tmp_path):
