@@ -272,6 +272,11 @@ def _sub_window(line: Image.Image, rng: np.random.Generator) -> Image.Image:
     return line.crop((x0, 0, x0 + cw, h))
 
 
+def _line_set(lines: list[Image.Image], count: int, rng: np.random.Generator) -> list[Image.Image]:
+    """`count` lines: every one of `lines` once, then random word spans of them in turn."""
+    return [lines[k] if k < len(lines) else _sub_window(lines[k % len(lines)], rng) for k in range(count)]
+
+
 def cls_input(line: Image.Image, width: int = CLS_W) -> np.ndarray:
     """rapidocr cls/rec preprocessing: BGR, height 48, keep aspect (width <= `width`), pad right with 0."""
     w, h = line.size
@@ -285,7 +290,7 @@ def cls_input(line: Image.Image, width: int = CLS_W) -> np.ndarray:
 def direction_set(lines: list[Image.Image], count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """`count` lines (every one of `lines` once, then random word spans of them) upright (label 0 = '0'), then the
     same turned 180 degrees (label 1 = '180'): classifier inputs and labels."""
-    picked = [lines[k] if k < len(lines) else _sub_window(lines[k % len(lines)], rng) for k in range(count)]
+    picked = _line_set(lines, count, rng)
     x = np.stack([cls_input(ln) for ln in picked] + [cls_input(ln.rotate(180)) for ln in picked])
     return x, np.array([0] * count + [1] * count, dtype=np.int64)
 
@@ -300,9 +305,8 @@ def cls_calib(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
 def rec_lines(count: int, rng: np.random.Generator, width: int = 320) -> np.ndarray:
     """`count` upright text lines of page.png (every line once, then random word spans) as PP-OCRv4's recogniser
     reads them ([N, 3, 48, width])."""
-    lines = text_lines(_skimage_image("page.png"))
-    picked = [lines[k] if k < len(lines) else _sub_window(lines[k % len(lines)], rng) for k in range(count)]
-    return np.stack([cls_input(line, width) for line in picked])
+    lines = _line_set(text_lines(_skimage_image("page.png")), count, rng)
+    return np.stack([cls_input(line, width) for line in lines])
 
 
 def recogniser_spans(count: int, rng: np.random.Generator, height: int = 64, width: int = 160) -> np.ndarray:
