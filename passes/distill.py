@@ -9,8 +9,9 @@ onnxruntime). Losses (passes/_distill_loss.py): softened outputs along class axe
 elsewhere (kd), feature maps at the rewritten layers' outputs by MSE (feat) or by MMD as in neuron
 selectivity transfer (nst), and DarkRank's similarity ranking across a batch (rank).
 
-Cost is bounded by a step and a time budget; a split of the fit samples measures held-out fidelity (the
-pipeline's own figure) every few steps, the best state is kept, and training stops when it no longer improves.
+Cost is bounded by a step and a time budget; a split of the fit samples measures the loss on clean inputs (which
+chooses the state) and the pipeline's fidelity figures every few steps, the state of lowest held-out loss is kept,
+and training stops when it no longer improves.
 If it never beats the starting model, the model is returned unchanged. PyTorch is an optional extra.
 """
 

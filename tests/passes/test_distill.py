@@ -181,6 +181,8 @@ def test_distill_recovers_fidelity_after_svd(svd_mlp):
     assert "kept" not in notes
     assert notes["val_after"]["drop"] < notes["val_before"]["drop"] - 0.05
     assert notes["val_after"]["top1_agreement"] > notes["val_before"]["top1_agreement"]
+    # the state kept is the one of lowest loss on the split's clean inputs, lower than the start's
+    assert notes["val_after"]["loss"] == min(h["val_loss"] for h in notes["history"]) < notes["val_before"]["loss"]
     # and on digits the distill pass never saw, labelled: accuracy comes back
     with np.load(CALIB) as data:
         x, labels = data["input"][240:], data["labels"][240:]
@@ -296,3 +298,47 @@ def test_interpreter_matches_onnxruntime_on_real_models(name, real):
         feeds = {k: data[k][:1] for k in data.files if k != "labels"}
     model = canonicalize(onnx.load(model_path), {k: [1, *v.shape[1:]] for k, v in feeds.items()})
     _assert_matches_ort(model, feeds)
+
+
+def test_temperature_is_lowered_only_where_a_long_class_axis_would_drown_the_top_class():
+    torch = pytest.importorskip("torch")
+    from rewriter.layouts import OutputLayout
+    from rewriter.passes._distill_loss import TOP_SHARE, fitted_temperature
+
+    rng = np.random.default_rng(0)
+    # a recogniser's per-step softmax over 5,000 classes: one sure class, the rest at ~1e-6 of it
+    logits = torch.from_numpy(rng.standard_normal((4, 10, 5000))) - 14.0
+    logits[..., 7] = 0.0
+    probs = torch.softmax(logits, dim=2).float()
+    layout = OutputLayout(2, "softmax")
+    chosen = fitted_temperature(probs, layout, 4.0)
+    assert 1.0 < chosen < 4.0
+    soft = torch.softmax(torch.log(probs.double()) / chosen, dim=2).max(dim=2).values.mean()
+    assert abs(float(soft) - TOP_SHARE) < 0.01  # the largest temperature that keeps half on the top class
+    # at 4 the tail would hold most of it
+    assert float(torch.softmax(torch.log(probs.double()) / 4.0, dim=2).max(dim=2).values.mean()) < 0.1
+    # two classes, or independent sigmoid scores: the temperature asked for
+    two = torch.softmax(torch.from_numpy(rng.standard_normal((8, 2)) * 3).float(), dim=1)
+    assert fitted_temperature(two, OutputLayout(1, "softmax"), 4.0) == 4.0
+    assert fitted_temperature(torch.sigmoid(logits.float()), OutputLayout(2, "sigmoid"), 4.0) == 4.0
+
+
+def test_when_augmented_training_never_helps_it_trains_again_on_the_inputs_as_they_are(svd_mlp, monkeypatch):
+    """Inputs the augmentation makes implausible (here: every input negated and scaled) never lower the held-out
+    loss on real inputs; distill then starts again from the rewritten model without augmenting."""
+    import rewriter.passes._distill_train as train
+
+    real = train.augment
+
+    def implausible(feeds, kinds, *args):
+        out = real(feeds, kinds, *args)
+        return {k: v * -5.0 for k, v in out.items()} if kinds else out
+
+    monkeypatch.setattr(train, "augment", implausible)
+    teacher, student = svd_mlp
+    options = {"steps": 20, "eval_every": 5, "patience": 2, "batch": 32, "threads": 1, "lr": 1e-2, "augment": "noise"}
+    notes = make_pass("distill", options).run(student, _context(teacher, 240)).notes
+    assert "kept" not in notes
+    phases = [h.get("augment", "given") for h in notes["history"]]
+    assert phases[0] == "given" and phases[-1] == "none"
+    assert notes["val_after"]["loss"] == min(h["val_loss"] for h in notes["history"] if h.get("augment") == "none")
