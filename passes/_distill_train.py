@@ -109,7 +109,7 @@ class Trainer:
         notes = {"steps": steps, "stopped": stopped, "seconds": round(time.perf_counter() - start, 2),
                  "train_samples": len(self.train), "val_samples": len(self.val), "batched": self.batched,
                  "trained_initializers": len(self.student.params), "loss": dict(self.loss.terms),
-                 "temperatures": {k: round(v, 3) for k, v in self.temperatures.items()},
+                 "temperatures": {k: round(v, 3) for k, v in self.loss.temperatures.items()},
                  "features": {"feat": mse, "nst": nst}, "val_before": before, "val_after": after,
                  "history": history}
         if kept:
@@ -173,7 +173,6 @@ class Trainer:
             if value < self.opts.temperature:
                 self.ctx.log(f"distill: output {name}: temperature {value:.2f} (at {self.opts.temperature:g} the "
                              f"teacher's top class would keep under {TOP_SHARE:.0%} of the softened mass)")
-        self.temperatures = temperatures
         return LossSetup(self.opts.terms, layouts, output_var, feature_var, mse, nst, temperatures)
 
     def _train_with_fallback(self, before: dict, start: float) -> tuple[list, dict | None, str, int]:
