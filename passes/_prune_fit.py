@@ -25,10 +25,10 @@ def contributions(x: np.ndarray, w: np.ndarray, columns: list[np.ndarray], pairs
     return z, z.sum(axis=1)
 
 
-def lasso_select(z: np.ndarray, y: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
-    """The `keep` columns of Z that LASSO (non-negative coefficients) retains when its penalty is lowered
-    until at least `keep` coefficients are non-zero; ties and shortfalls are broken by contribution energy.
-    Returns the sorted kept indices and the coefficients at that penalty."""
+def lasso_select(z: np.ndarray, y: np.ndarray, keeps: list[int]) -> list[np.ndarray]:
+    """For each count in `keeps`, the columns of Z that LASSO (non-negative coefficients) retains when its penalty
+    is lowered until at least that many coefficients are non-zero; ties and shortfalls are broken by contribution
+    energy. One regularisation path serves every count. Returns the sorted kept indices per count."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import lasso_path
 
@@ -37,10 +37,21 @@ def lasso_select(z: np.ndarray, y: np.ndarray, keep: int) -> tuple[np.ndarray, n
         warnings.simplefilter("ignore", ConvergenceWarning)
         _, coefs, _ = lasso_path(z, y, positive=True, alphas=80, eps=1e-4, max_iter=2000)
     counts = np.count_nonzero(coefs > 0, axis=0)
-    at = int(np.argmax(counts >= keep)) if np.any(counts >= keep) else coefs.shape[1] - 1
-    beta = coefs[:, at]
-    order = np.lexsort((-energy, -beta))  # primary: coefficient, secondary: energy
-    return np.sort(order[:keep]), beta
+    chosen = []
+    for keep in keeps:
+        at = int(np.argmax(counts >= keep)) if np.any(counts >= keep) else coefs.shape[1] - 1
+        order = np.lexsort((-energy, -coefs[:, at]))  # primary: coefficient, secondary: energy
+        chosen.append(np.sort(order[:keep]))
+    return chosen
+
+
+def reconstruction_error(z: np.ndarray, y: np.ndarray, kept: np.ndarray) -> float:
+    """||y - Z_kept b|| / ||y|| with b the least-squares scale per kept unit (He et al.'s reconstruction): what
+    removing the other units costs the consumers' outputs, before the refit (which has more freedom) lowers it."""
+    if len(kept) == z.shape[1]:
+        return 0.0
+    b, *_ = np.linalg.lstsq(z[:, kept], y, rcond=None)
+    return float(np.linalg.norm(y - z[:, kept] @ b) / max(float(np.linalg.norm(y)), 1e-30))
 
 
 def magnitude_select(scores: np.ndarray, keep: int) -> np.ndarray:

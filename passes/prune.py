@@ -27,7 +27,7 @@ from rewriter.progress import progress
 from rewriter.registry import register_pass
 
 from ._prune_blocks import next_layers, output_error, residual_branches, without
-from ._prune_fit import Moments, contributions, lasso_select, magnitude_select, ridge_refit
+from ._prune_fit import Moments, contributions, lasso_select, magnitude_select, reconstruction_error, ridge_refit
 from ._prune_layers import Consumer, find_consumer, has_bias_slot, sample_positions, weight_matrix, write_weights
 from ._prune_surgery import drop_unused_initializers, remove_atoms
 
@@ -35,6 +35,7 @@ NEEDS_DATA = "LASSO selection and the least-squares refit read activations; or -
 PAIRS_PER_CONSUMER = 6000  # (row, output) entries each consumer adds to the LASSO problem
 REFIT_POSITIONS = 256  # input rows taken per image for the refit
 BLOCK_PROBE_SAMPLES = 16  # calibration samples each residual branch's removal is scored on
+BOUND_STEPS = 4  # a group over prune.max_error is tried at 3/4, 1/2 and 1/4 of the ratio, then left whole
 
 
 def _rows_needed(k: int) -> int:
@@ -60,11 +61,14 @@ class PrunePass:
         positions: int = 16,
         blocks: int = 0,
         sequential: bool = False,
+        max_error: float = 0.2,
     ) -> None:
         if not 0.0 <= ratio < 1.0:
             raise ValueError(f"ratio must be in [0, 1), got {ratio}")
         if criterion not in ("lasso", "l1"):
             raise ValueError(f"criterion must be 'lasso' or 'l1', got {criterion!r}")
+        if not 0.0 <= max_error < 1.0:
+            raise ValueError(f"max_error must be in [0, 1) (0: no bound), got {max_error}")
         if min_channels < 1 or round_to < 0 or positions < 1 or blocks < 0:
             raise ValueError("min_channels and positions must be at least 1, round_to and blocks at least 0")
         self.ratio, self.criterion, self.refit = ratio, criterion, refit
@@ -73,6 +77,7 @@ class PrunePass:
         self.skip = {name.strip() for name in skip.split(",") if name.strip()}
         self.blocks = blocks
         self.sequential = sequential
+        self.max_error = max_error
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         self.multiple = self.round_to or ctx.channel_multiple
@@ -113,12 +118,14 @@ class PrunePass:
         elif "macs" in ctx.budget:
             ratio = self._ratio_for_budget(model, cg, candidates, ctx.budget["macs"])
         ratios = {g.key: allocation[g.key] if allocation is not None else ratio for g in candidates}
-        keeps = {g.key: self._keep(g.size, ratios[g.key]) for g in candidates}
+        # a budget fixes each group's cut; otherwise the ratio is a ceiling that prune.max_error may lower
+        bounded = bool(self.max_error) and self.criterion == "lasso" and allocation is None and "macs" not in ctx.budget
+        keeps = {g.key: self._keep_ladder(g.size, ratios[g.key], bounded) for g in candidates}
         consumers = self._consumers(cg, candidates)
         todo = []
         for group in candidates:
             record = records[group.key]
-            if keeps[group.key] >= group.size:
+            if keeps[group.key][0] >= group.size:
                 record["skipped"] = f"ratio {ratios[group.key]:.3f} removes no channel of {group.size}"
                 continue
             unfit = [c for c in group.consumers if c not in consumers]
@@ -128,6 +135,8 @@ class PrunePass:
             todo.append(group)
         if not todo:
             return PassResult(model, [], {"unchanged": "no channel removed at this ratio", "groups": records})
+        ctx.log(f"prune: {len(todo)} channel group(s) to cut"
+                + (f", each at most as far as adds {self.max_error} to its consumers' outputs" if bounded else ""))
         if self.sequential and self.refit and self.criterion == "lasso":
             pruned, removed, refits = self._prune_in_order(model, cg, todo, keeps, consumers, records, ctx)
         else:
@@ -135,9 +144,13 @@ class PrunePass:
             pruned = remove_atoms(model, cg, removed)
             refits = self._refit(model, pruned, cg, removed, consumers, ctx) if self.refit else {}
         drop_unused_initializers(pruned)  # the refits replaced the sliced weights
-        changed = list(dict.fromkeys(m for group in todo for m in group.members))
+        cut = [g for g in todo if records[g.key]["size_after"] < g.size]
+        if not cut:
+            return PassResult(model, [], {"unchanged": "every cut exceeds prune.max_error", "groups": records})
+        changed = list(dict.fromkeys(m for group in cut for m in group.members))
         notes = {"ratio": ratio if allocation is None else "per group (--budget)", "criterion": self.criterion,
-                 "refit": self.refit, "round_to": self.multiple, "channels_removed": len(removed), "groups": records,
+                 "refit": self.refit, "round_to": self.multiple, "max_error": self.max_error if bounded else None,
+                 "channels_removed": len(removed), "groups": records,
                  "refits": refits}
         return PassResult(pruned, changed, notes)
 
@@ -147,9 +160,8 @@ class PrunePass:
         rng = np.random.default_rng(ctx.seed)
         removed = set()
         for group in groups:
-            kept, records[group.key]["scoring"] = self._select(cg, group, keeps[group.key], consumers, rows, rng)
+            kept = self._select(cg, group, keeps[group.key], consumers, rows, rng, records[group.key])
             removed.update(_leaving(group, kept))
-            records[group.key]["size_after"] = len(kept)
         return removed
 
     def _prune_in_order(self, model, cg, groups, keeps, consumers, records, ctx) -> tuple:
@@ -170,10 +182,8 @@ class PrunePass:
                 wanted = {c: consumers[c] for g in now for c in g.consumers}
                 rows = self._selection_rows(work, wanted, ctx)
                 for group in now:
-                    kept, records[group.key]["scoring"] = self._select(cg, group, keeps[group.key], consumers,
-                                                                       rows, rng)
+                    kept = self._select(cg, group, keeps[group.key], consumers, rows, rng, records[group.key])
                     removed.update(_leaving(group, kept))
-                    records[group.key]["size_after"] = len(kept)
             refits.update(self._refit_wave(model, work, cg, removed, wave, ctx, in_place=True))
         return remove_atoms(work, build_channel_graph(work), removed), removed, refits
 
@@ -247,12 +257,24 @@ class PrunePass:
         ctx.reduce(model, names, update, desc="prune: consumer inputs")
         return {label: np.concatenate(p) for label, p in parts.items()}
 
-    def _select(self, cg, group, keep, consumers, rows, rng) -> tuple[np.ndarray, str]:
+    def _keep_ladder(self, size: int, ratio: float, bounded: bool) -> list[int]:
+        """The channel counts a group may keep, most removed first: the ratio's own, then (bounded) smaller cuts
+        down to the whole group."""
+        if not bounded:
+            return [self._keep(size, ratio)]
+        steps = [self._keep(size, ratio * (1 - i / BOUND_STEPS)) for i in range(BOUND_STEPS)] + [size]
+        return list(dict.fromkeys(steps))
+
+    def _select(self, cg, group, keeps: list[int], consumers, rows, rng, record: dict) -> np.ndarray:
+        """The units of `group` to keep: the first count of `keeps` whose estimated error stays within
+        max_error (a single count: no bound). Writes how it chose into `record`."""
         modelled = [consumers[c] for c in group.consumers if c in consumers and c in rows]
         if self.criterion == "l1" or not modelled:
             why = "l1 weight magnitude of the producers"
-            return magnitude_select(_magnitudes(cg, group), keep), why if self.criterion == "l1" else (
-                why + " (no consumer LASSO can model)")
+            record["scoring"] = why if self.criterion == "l1" else why + " (no consumer LASSO can model)"
+            kept = magnitude_select(_magnitudes(cg, group), keeps[0])
+            record["size_after"] = len(kept)
+            return kept
         zs, ys = [], []
         for consumer in modelled:
             node = next(n for n in cg.view.graph.node if node_label(n) == consumer.label)
@@ -262,8 +284,20 @@ class PrunePass:
             scale = max(float(np.sqrt(np.mean(y**2))), 1e-12)  # every consumer weighs the same
             zs.append(z / scale)
             ys.append(y / scale)
-        kept, _ = lasso_select(np.concatenate(zs), np.concatenate(ys), keep)
-        return kept, f"lasso over {len(modelled)} consumer(s): {', '.join(c.label for c in modelled)}"
+        z, y = np.concatenate(zs), np.concatenate(ys)
+        record["scoring"] = f"lasso over {len(modelled)} consumer(s): {', '.join(c.label for c in modelled)}"
+        choices = lasso_select(z, y, keeps)
+        errors = [reconstruction_error(z, y, kept) for kept in choices]
+        at = next((i for i, e in enumerate(errors) if e <= self.max_error), len(choices) - 1) if len(keeps) > 1 else 0
+        record["size_after"] = len(choices[at])
+        record["estimated_error"] = round(errors[at], 4)
+        if at:
+            record["bounded"] = {"estimated_errors": {int(k): round(e, 4) for k, e in zip(keeps, errors, strict=True)},
+                                 "kept_instead_of": int(keeps[0])}
+            if len(choices[at]) >= group.size:
+                record["skipped"] = (f"every cut adds more than prune.max_error={self.max_error} to its consumers' "
+                                     f"outputs ({errors[0]:.3f} at {group.size - keeps[0]} of {group.size} channels)")
+        return choices[at]
 
     def _refit(self, original, pruned, cg, removed, consumers, ctx) -> dict:
         """Refit every consumer that lost input channels, wave by wave in graph order."""

@@ -34,9 +34,9 @@ def test_mobilenetv3_classifier_at_eighty_percent_macs_x86(real, tmp_path):
     pytest.importorskip("tvm")
     model, calib = real["mobilenetv3_cls"]
     result = rewrite(model, passes=["prune"], target="x86", calib=first_samples(calib, 40), holdout=0.4,
-                     out_dir=tmp_path / "out", options={"prune": {"ratio": 0.13, "round_to": 1}})
+                     out_dir=tmp_path / "out", options={"prune": {"ratio": 0.13, "round_to": 1, "max_error": 0}})
     # round_to=1: counts the blocked layout cannot take whole (the NCHW path, checked against onnxruntime below);
-    # with the x86 default of 8 this ratio keeps 0.89 of the MACs
+    # with the x86 default of 8 this ratio keeps 0.89 of the MACs; max_error=0: the ratio's own cut, unbounded
     report = result.report
     assert report["output"]["macs"] <= 0.8 * report["input"]["macs"]
     # measured 0.875-1.0 top-1 agreement over runs on 16 held-out text lines: the 0.97 goal is not met reliably

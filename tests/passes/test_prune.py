@@ -10,7 +10,7 @@ from rewriter.calib import Calibration
 from rewriter.errors import UsageError
 from rewriter.metrics import count_macs
 from rewriter.pass_api import PassContext
-from rewriter.passes._prune_fit import lasso_select
+from rewriter.passes._prune_fit import lasso_select, reconstruction_error
 from rewriter.passes.prune import PrunePass
 from rewriter.pipeline import checked
 from tests.channel_nets import Net
@@ -81,9 +81,11 @@ def test_dead_channels_leave_through_every_coupling_and_nothing_changes(build, r
 def test_lasso_keeps_the_channels_that_carry_the_output():
     rng = np.random.default_rng(0)
     z = rng.normal(size=(500, 6)) * np.array([1.0, 0.05, 2.0, 0.01, 0.5, 0.02])
-    kept, beta = lasso_select(z, z.sum(axis=1), 3)
-    assert kept.tolist() == [0, 2, 4]
-    assert np.all(beta >= 0)
+    y = z.sum(axis=1)
+    kept, more = lasso_select(z, y, [3, 5])  # one regularisation path, several counts
+    assert kept.tolist() == [0, 2, 4] and len(more) == 5 and set(kept) <= set(more)
+    assert reconstruction_error(z, y, kept) < 0.05 < 0.9 < reconstruction_error(z, y, np.array([1, 3, 5]))
+    assert reconstruction_error(z, y, np.arange(6)) == 0.0
 
 
 def test_unprunable_graph_is_left_unchanged():
@@ -107,7 +109,8 @@ def _digits(name: str, calib=CALIB, **options):
 
 @pytest.fixture(scope="module")
 def vgg():
-    return {(crit, refit): _digits("vgg", ratio=0.5, criterion=crit, refit=refit)
+    # max_error=0: every group cut at the ratio itself, so that the criteria are compared at the same MACs
+    return {(crit, refit): _digits("vgg", ratio=0.5, criterion=crit, refit=refit, max_error=0)
             for crit, refit in [("lasso", True), ("l1", True), ("lasso", False)]}
 
 
@@ -129,8 +132,35 @@ def test_lasso_beats_l1_and_refit_beats_none_at_the_same_ratio(vgg):
     assert error["lasso", True] < 0.5 * error["lasso", False]
 
 
+def test_max_error_cuts_a_group_only_as_far_as_its_estimated_error_allows(vgg):
+    """prune.max_error lowers a group's cut (3/4, 1/2, 1/4 of the ratio, then none) until He et al.'s
+    reconstruction of its consumers' outputs from the kept channels stays within it."""
+    free = vgg["lasso", True]
+    bounded = _digits("vgg", ratio=0.5, max_error=0.1)
+    notes = bounded["passes"][0]["notes"]
+    assert notes["max_error"] == 0.1 and free["passes"][0]["notes"]["max_error"] is None
+    groups = [g for g in notes["groups"].values() if "estimated_error" in g]
+    assert groups and all(g["estimated_error"] <= 0.1 for g in groups)
+    lowered = [g for g in groups if "bounded" in g]
+    assert lowered and all(g["size_after"] > g["bounded"]["kept_instead_of"] for g in lowered)
+    assert all(max(g["bounded"]["estimated_errors"].values()) > 0.1 for g in lowered)
+    assert not any("bounded" in g for g in free["passes"][0]["notes"]["groups"].values())
+    assert free["output"]["macs"] < bounded["output"]["macs"] < bounded["input"]["macs"]
+    assert bounded["fidelity"]["rel_l2"] < free["fidelity"]["rel_l2"]
+
+
+def test_a_bound_no_cut_can_meet_leaves_the_model_unchanged():
+    result = rewrite(SAMPLES / "digits_vgg.onnx", passes=["prune"], calib=_subset(160),
+                     options={"prune": {"ratio": 0.5, "max_error": 1e-6}})
+    record = result.report["passes"][0]
+    assert record["changed"] == [] and record["notes"]["unchanged"] == "every cut exceeds prune.max_error"
+    assert result.report["output"]["macs"] == result.report["input"]["macs"]
+    skipped = [g["skipped"] for g in record["notes"]["groups"].values() if "bounded" in g]
+    assert skipped and all("prune.max_error=1e-06" in why for why in skipped)
+
+
 def test_resnet_residual_stream_pruned_jointly():
-    report = _digits("resnet", ratio=0.5)
+    report = _digits("resnet", ratio=0.5, max_error=0)  # the residual stream cut at the ratio itself
     assert report["output"]["macs"] <= 0.6 * report["input"]["macs"]
     fid = report["fidelity"]
     assert fid["accuracy_after"] >= fid["accuracy_before"] - 0.02
@@ -230,7 +260,7 @@ def test_hidden_units_of_a_token_mlp_behind_reshapes_are_pruned(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 6, 8)).astype(np.float32)
     calib = save_npz(tmp_path / "tokens.npz", x=x)
-    result = rewrite(model, passes=["prune"], calib=calib, options={"prune": {"ratio": 0.5}})
+    result = rewrite(model, passes=["prune"], calib=calib, options={"prune": {"ratio": 0.5, "max_error": 0}})
     group = next(g for g in result.report["passes"][0]["notes"]["groups"].values() if "fc2" in g["consumers"])
     assert (group["size_before"], group["size_after"]) == (24, 12)
     y = run_ort(result.model, {"x": x[:5]})[0]

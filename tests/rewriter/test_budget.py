@@ -104,7 +104,8 @@ def test_prune_svd_budget_beats_uniform_prune_at_the_same_macs(cache):
     assert spent["budget"]["allocation"]["prune"] and spent["budget"]["allocation"]["svd"]
     share = spent["output"]["macs"] / spent["input"]["macs"]
     ratio = PrunePass().uniform_ratio(canonicalize(load_model(resnet), {"input": [1, 1, 8, 8]}), share)
-    uniform = rewrite(resnet, passes=["prune"], calib=CALIB, options={"prune": {"ratio": ratio}}, holdout=0.5).report
+    uniform = rewrite(resnet, passes=["prune"], calib=CALIB, options={"prune": {"ratio": ratio, "max_error": 0}},
+                     holdout=0.5).report  # max_error=0: the uniform cut at the same MACs, unbounded
     assert abs(uniform["output"]["macs"] / uniform["input"]["macs"] - share) < 0.01
     ours, theirs = spent["fidelity"], uniform["fidelity"]
     assert ours["accuracy_after"] > theirs["accuracy_after"]  # measured 99.0 % against 98.7 % (99.7 % before)
