@@ -102,9 +102,7 @@ class Trainer:
             history, best, stopped, steps = self._train_with_fallback(before, start)
         kept = best is None
         if not kept:
-            with torch.no_grad():
-                for name, value in best.items():
-                    self.student.params[name].copy_(value)
+            self._restore(best)
         after = before if kept else self._evaluate()
         notes = {"steps": steps, "stopped": stopped, "seconds": round(time.perf_counter() - start, 2),
                  "train_samples": len(self.train), "val_samples": len(self.val), "batched": self.batched,
@@ -116,6 +114,15 @@ class Trainer:
             notes["kept"] = "the original weights: no step lowered the held-out loss"
             return self.model, notes
         return self.student.write_back(self.model), notes
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of every trained value, to come back to."""
+        return {k: p.detach().clone() for k, p in self.student.params.items()}
+
+    def _restore(self, values: Mapping[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, value in values.items():
+                self.student.params[name].copy_(value)
 
     def _features(self, probe: Mapping[str, np.ndarray]) -> tuple[list[str], list[str]]:
         """Rewritten layers' outputs both models compute: same shape for MSE, same positions for MMD."""
@@ -179,15 +186,13 @@ class Trainer:
         """Train on augmented inputs; if no state lowers the held-out loss, train again from the start on the
         inputs as they are. An augmentation is only plausible for some inputs: a mirrored or shifted text line
         is not what a recogniser reads, and on PP-OCRv4's every augmented run raised the loss on real lines."""
-        initial = {k: p.detach().clone() for k, p in self.student.params.items()}
+        initial = self._snapshot()
         history, best, stopped, steps = self._train(before, start, self.opts.augment)
         if best is not None or not self.opts.augment or not steps or stopped == "time budget":
             return history, best, stopped, steps
         self.ctx.log("distill: training on augmented inputs never lowered the held-out loss; training again on the "
                      "calibration inputs as they are")
-        with torch.no_grad():
-            for name, value in initial.items():
-                self.student.params[name].copy_(value)
+        self._restore(initial)
         again, best, stopped, more = self._train(before, start, ())
         return history + [{**h, "augment": "none"} for h in again], best, stopped, steps + more
 
@@ -223,7 +228,7 @@ class Trainer:
                             **{k: v for k, v in fid.items() if k not in ("score", "loss")}})
             if _better(fid, best_fid):
                 best_fid, bad = fid, 0
-                best = {k: p.detach().clone() for k, p in self.student.params.items()}
+                best = self._snapshot()
             else:
                 bad += 1
             self.ctx.log(f"distill: step {step}/{opts.steps} loss {loss:.5f} held-out loss {fid['loss']:.5f} "
