@@ -73,7 +73,11 @@ def run_graph(graph: torch.nn.Module, feeds: Mapping[str, np.ndarray], keep: Seq
     there all the same: the losses then read its first axis as more positions, which is what it is."""
     if batched:
         return graph(_tensors(feeds), keep)
-    runs = run_samples(graph, feeds, keep, whole)
+    return join_runs(run_samples(graph, feeds, keep, whole))
+
+
+def join_runs(runs: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Sample-by-sample runs as one batch: each tensor concatenated on its first axis."""
     return {name: torch.cat([r[name].reshape(1) if r[name].dim() == 0 else r[name] for r in runs])
             for name in runs[0]}
 

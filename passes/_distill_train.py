@@ -4,7 +4,7 @@ float initializers, held-out loss and fidelity every few steps, the state of low
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -16,7 +16,7 @@ from rewriter.errors import ModelError
 from rewriter.layouts import infer_layouts
 from rewriter.pass_api import PassContext
 
-from ._distill_data import augment, per_sample, run_graph, run_samples, split_fit, takes_batches
+from ._distill_data import augment, join_runs, per_sample, run_graph, run_samples, split_fit, takes_batches
 from ._distill_loss import TOP_SHARE, LossSetup, channel_variance, fitted_temperature
 from ._torch_graph import TorchGraph, trainable_names
 from .distill import fidelity_drop, rewritten_tensors, spread
@@ -139,31 +139,42 @@ class Trainer:
         return (spread(mse, self.opts.features) if terms.get("feat") else [],
                 spread(nst, self.opts.features) if terms.get("nst") else [])
 
-    def _outputs(self, graph: TorchGraph, data: Calibration) -> dict[str, list[np.ndarray]]:
-        """Per-sample outputs (as onnxruntime returns them), run in chunks without gradients."""
+    def _outputs(self, graph: TorchGraph, data: Calibration, keep: Sequence[str] = (),
+                 each: Callable[[Mapping[str, np.ndarray], dict[str, torch.Tensor]], None] | None = None,
+                 ) -> dict[str, list[np.ndarray]]:
+        """Per-sample outputs (as onnxruntime returns them), run in chunks without gradients. `each(feeds, values)`
+        sees every chunk's values (the outputs and the `keep` tensors, joined as the losses read them), so that
+        one run serves both."""
         found: dict[str, list[np.ndarray]] = {name: [] for name in self.names}
         with torch.no_grad():
             for feeds in _chunks(data, self.opts.batch):
-                if not self.batched:  # each sample's outputs as they are, whatever axis holds its batch of 1
-                    for run in run_samples(graph, feeds, (), self.whole):
+                if self.batched:
+                    values = run_graph(graph, feeds, keep, True)
+                    for name in self.names:
+                        found[name] += per_sample(values[name])
+                else:  # each sample's outputs as they are, whatever axis holds its batch of 1
+                    runs = run_samples(graph, feeds, keep, self.whole)
+                    for run in runs:
                         for name in self.names:
                             found[name].append(run[name].numpy())
-                    continue
-                values = run_graph(graph, feeds, (), self.batched)
-                for name in self.names:
-                    found[name] += per_sample(values[name])
+                    values = join_runs(runs)
+                if each is not None:
+                    each(feeds, values)
         return found
 
     def _evaluate(self) -> dict:
-        """The pipeline's fidelity figures on the held-out split, and the training loss there on clean inputs."""
-        figures = fidelity_drop(self.names, self.val_ref, self._outputs(self.student, self.val), self.layouts)
+        """The pipeline's fidelity figures on the held-out split, and the training loss there on clean inputs,
+        from one run of the student."""
         total, count = 0.0, 0
-        with torch.no_grad():
-            for feeds in _chunks(self.val, self.opts.batch):
-                t = run_graph(self.teacher, feeds, self.keep, self.batched, self.whole)
-                s = run_graph(self.student, feeds, self.keep, self.batched, self.whole)
-                n = len(next(iter(feeds.values())))
-                total, count = total + n * float(self.loss.total(self.loss(s, t))), count + n
+
+        def score(feeds: Mapping[str, np.ndarray], student: dict[str, torch.Tensor]) -> None:
+            nonlocal total, count
+            teacher = run_graph(self.teacher, feeds, self.keep, self.batched, self.whole)
+            n = len(next(iter(feeds.values())))
+            total, count = total + n * float(self.loss.total(self.loss(student, teacher))), count + n
+
+        outputs = self._outputs(self.student, self.val, self.keep, score)
+        figures = fidelity_drop(self.names, self.val_ref, outputs, self.layouts)
         return {**figures, "loss": round(total / count, 7)}
 
     def _loss_setup(self, layouts, mse: list[str], nst: list[str]) -> LossSetup:
