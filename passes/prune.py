@@ -135,8 +135,9 @@ class PrunePass:
             todo.append(group)
         if not todo:
             return PassResult(model, [], {"unchanged": "no channel removed at this ratio", "groups": records})
-        ctx.log(f"prune: {len(todo)} channel group(s) to cut"
-                + (f", each at most as far as adds {self.max_error} to its consumers' outputs" if bounded else ""))
+        ctx.log(f"prune: {len(todo)} channel group(s) to cut" + (
+            f"; one whose cut would leave over {self.max_error} relative error in its consumers' outputs is cut less "
+            "(prune.max_error)" if bounded else ""))
         if self.sequential and self.refit and self.criterion == "lasso":
             pruned, removed, refits = self._prune_in_order(model, cg, todo, keeps, consumers, records, ctx)
         else:
