@@ -181,7 +181,7 @@ def test_distill_runs_once_on_the_budgets_result_not_in_every_round(cache, monke
 
     monkeypatch.setattr(DistillPass, "run", run)
     monkeypatch.setattr(budget, "SUSPECT_MARGIN", -1.0)  # the uniform cross-check runs as well
-    calib = first_samples(CALIB, 160)
+    calib = first_samples(CALIB, 96)
     result = rewrite(SAMPLES / "digits_resnet.onnx", passes=["svd", "distill"], calib=calib, budget={"macs": 0.5})
     assert "probe_drops" in result.report["budget"]  # both the per-unit and the uniform cuts were made
     assert [p["name"] for p in result.report["passes"]] == ["svd", "distill"]
