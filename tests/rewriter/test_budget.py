@@ -124,7 +124,7 @@ def test_a_result_far_worse_than_its_curves_is_checked_against_one_uniform_setti
     from rewriter import budget
 
     monkeypatch.setattr(budget, "SUSPECT_MARGIN", -1.0)  # every result counts as suspect
-    calib = first_samples(CALIB, 160)  # the mechanism is under test, not the figures: fewer samples
+    calib = first_samples(CALIB, 96)  # the mechanism is under test, not the figures: fewer samples
     report = rewrite(SAMPLES / "digits_resnet.onnx", passes=["svd"], calib=calib, budget={"macs": 0.5}).report
     spent = report["budget"]
     assert spent["met"] and spent["chosen"] in ("per unit", "uniform")
