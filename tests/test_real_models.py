@@ -16,8 +16,8 @@ pytestmark = pytest.mark.slow
 def test_mobilenetv3_svd_x86(real, tmp_path):
     pytest.importorskip("tvm")
     model, calib = real["mobilenetv3_cls"]
-    result = rewrite(model, passes=["svd"], target="x86", calib=calib, out_dir=tmp_path / "out",
-                     options={"svd": {"rank_ratio": 0.5}})
+    result = rewrite(model, passes=["svd"], target="x86", calib=first_samples(calib, 16), out_dir=tmp_path / "out",
+                     options={"svd": {"rank_ratio": 0.5}})  # the build is under test: 12 samples fit, 4 held out
     report = result.report
     assert report["output"]["macs"] < 0.9 * report["input"]["macs"]
     skipped = report["passes"][0]["notes"]["skipped"]
@@ -40,7 +40,7 @@ def test_dbnet_paddle_export_svd(real):
 def test_yolov8n_channel_cosine_catches_what_cosine_hides(real):
     model, calib = real["yolov8n"]
     result = rewrite(model, passes=["svd"], calib=first_samples(calib, 8), holdout=0.25,
-                     options={"svd": {"rank_ratio": 0.5}})
+                     options={"svd": {"rank_ratio": 0.5, "sequential": False}})  # the metric is under test, not the fit
     report = result.report
     assert report["canonical_fidelity"]["channel_cosine_min"] > 0.9999
     assert report["output"]["macs"] < 0.8 * report["input"]["macs"]
