@@ -21,7 +21,7 @@ from onnx import numpy_helper
 
 from .canonical import declared_shape, graph_inputs
 from .errors import ModelError
-from .graph import GraphView, attributes, unique_name
+from .graph import GraphView, attributes, node_reads, unique_name
 from .loading import check_model, infer_shapes, ort_session
 
 Dim = tuple[str, int]  # (input name, axis)
@@ -68,6 +68,7 @@ def _free_batch_in_reshapes(model: onnx.ModelProto) -> None:
     Then the batch can open again; the batch check tells whether that sufficed."""
     view = GraphView(model)
     inner_shapes = _subgraph_shapes(model.graph)
+    replaced = set()
     for node in _all_nodes(model.graph):  # If branches too: a tail behind an early exit holds Reshapes
         if node.op_type != "Reshape" or len(node.input) < 2:
             continue
@@ -79,7 +80,19 @@ def _free_batch_in_reshapes(model: onnx.ModelProto) -> None:
         if freed is not None:
             name = unique_name(model, f"{node.input[1]}_batch")
             model.graph.initializer.append(numpy_helper.from_array(np.array(freed, dtype=target.dtype), name))
+            replaced.add(node.input[1])
             node.input[1] = name
+    _drop_orphans(model, replaced)
+
+
+def _drop_orphans(model: onnx.ModelProto, names: set[str]) -> None:
+    """Remove the initializers among `names` that nothing reads any more: a written model should not make
+    onnxruntime warn about unused initializers each time it is opened."""
+    graph = model.graph
+    read = set().union(*(node_reads(node) for node in graph.node), (v.name for v in [*graph.input, *graph.output]))
+    orphans = names - read
+    for index in reversed([i for i, t in enumerate(model.graph.initializer) if t.name in orphans]):
+        del model.graph.initializer[index]
 
 
 def _freed_target(target: list[int], source: list[int | None], allowzero: bool) -> list[int] | None:
