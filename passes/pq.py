@@ -128,7 +128,6 @@ class PqPass:
         self.dense_fp16, self.iters, self.data_aware = dense_fp16, iters, data_aware
         self.skip = {s.strip() for s in skip.split(",") if s.strip()}
         self.max_error, self.head_error = max_error, head_error
-        self._heads: set[str] = set()  # labels of the layers that write a graph output (bound by head_error)
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         model = copy_model(model)
@@ -146,7 +145,7 @@ class PqPass:
                     skipped[label] = found
         if self.data_aware and layers:
             ctx.require_data("pq", NEEDS_DATA)
-        self._heads = {la.label for la in layers if view.writes_output(la.node)}
+        heads = {la.label for la in layers if view.writes_output(la.node)}  # bound by head_error
         original = copy_model(model)
         details: dict[str, dict] = {}
         for wave in progress(independent_waves(model, layers), desc="pq: layer groups"):
@@ -157,10 +156,11 @@ class PqPass:
                 blocks = {la.label: plans[la.label]["d"] for la in coded}
                 stats = capture_stats(ctx, original, model, coded, blocks, desc=None)
             for la in wave:
-                details[la.label] = self._apply(model, la, plans[la.label], stats.get(la.label), ctx.seed)
+                bound = self._bound(la.label in heads)
+                details[la.label] = self._apply(model, la, plans[la.label], stats.get(la.label), ctx.seed, bound)
         drop_unused_initializers(model)
         changed = [label for label, d in details.items() if d["form"] != "dense" or d.get("compensated")]
-        notes = {**self._summary(details), "layers": details, "skipped": skipped, "heads": sorted(self._heads)}
+        notes = {**self._summary(details), "layers": details, "skipped": skipped, "heads": sorted(heads)}
         return PassResult(model, changed, notes)
 
     def _sub_size(self, layer: WeightLayer) -> int:
@@ -206,11 +206,13 @@ class PqPass:
         return plan
 
     def _apply(
-        self, model: onnx.ModelProto, layer: WeightLayer, plan: dict, stats: InputStats | None, seed: int
+        self, model: onnx.ModelProto, layer: WeightLayer, plan: dict, stats: InputStats | None, seed: int,
+        bound: float,
     ) -> dict:
+        """Write the layer's planned form into `model`; `bound`: what its codes may add to its output (0: any)."""
         found = None
         if plan["form"] == "pq":
-            plan, found = self._codes(layer, plan, stats, seed)
+            plan, found = self._codes(layer, plan, stats, seed, bound)
         info = {k: v for k, v in plan.items() if k not in ("dense_dtype", "refitted")}
         if plan.get("refitted") is not None:
             info["compensated"] = True  # dense, but its weight now corrects the errors of the layers before it
@@ -228,7 +230,8 @@ class PqPass:
         info["bits_per_weight"] = 8.0 * info["bytes_after"] / plan["weights"]
         return info
 
-    def _codes(self, layer: WeightLayer, plan: dict, stats: InputStats | None, seed: int) -> tuple[dict, tuple | None]:
+    def _codes(self, layer: WeightLayer, plan: dict, stats: InputStats | None, seed: int,
+               bound: float) -> tuple[dict, tuple | None]:
         """The layer's codebook, codes and fit at the planned sub-vector size. With `max_error`, a layer whose output
         error is over it is refit with smaller sub-vectors until one holds, and stays dense float16 when none does
         (or when codes stop paying): the plan that was used and its fit, or the dense plan and None."""
@@ -237,7 +240,6 @@ class PqPass:
         target = compensation(layer.matrix, stats) if stats is not None and stats.full else None
         found = self._fit(layer, plan, stats, seed, target)
         error = found[2].get("added_error")  # absent without data (k-means on the weights alone)
-        bound = self._bound(layer)
         if not bound or error is None or error <= bound:
             return plan, found
         tried = {plan["d"]: error}
@@ -254,19 +256,19 @@ class PqPass:
         refitted = layer.weight_from(target[0]) if target is not None else None
         form = "dense_fp16" if plan["dense_dtype"] != layer.weight.dtype else "dense"  # dense_fp16=false: own dtype
         dense = {**plan, "form": form, "refitted": refitted,
-                 "why": f"codes add more output error than {self._bound_name(layer)} {bound} at every sub-vector size",
+                 "why": f"codes add more output error than {self._bound_name(bound)} {bound} at every sub-vector size",
                  "errors_by_block": tried}
         return dense, None
 
-    def _bound(self, layer: WeightLayer) -> float:
+    def _bound(self, head: bool) -> float:
         """What the codes may add to the layer's output: max_error, or head_error (if tighter) for a layer that
         writes a graph output, whose error no later layer's compensation can absorb. 0: no bound."""
-        if layer.label in self._heads and self.head_error and self.max_error:
+        if head and self.head_error and self.max_error:
             return min(self.max_error, self.head_error)
         return self.max_error
 
-    def _bound_name(self, layer: WeightLayer) -> str:
-        return "head_error" if self._bound(layer) < self.max_error else "max_error"
+    def _bound_name(self, bound: float) -> str:
+        return "head_error" if bound < self.max_error else "max_error"
 
     def _fit(self, layer: WeightLayer, plan: dict, stats: InputStats | None, seed: int,
              compensated_target: tuple[np.ndarray, float | None] | None) -> tuple:
