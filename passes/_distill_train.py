@@ -157,7 +157,7 @@ class Trainer:
                     for run in runs:
                         for name in self.names:
                             found[name].append(run[name].numpy())
-                    values = join_runs(runs)
+                    values = join_runs(runs) if each is not None else {}  # joined only for a caller that reads them
                 if each is not None:
                     each(feeds, values)
         return found

@@ -126,8 +126,13 @@ def drop_unused_initializers(model: onnx.ModelProto) -> None:
     """Remove initializers no node reads; reads from inside subgraphs count (an If branch's weights stay)."""
     used = set().union(*(node_reads(node) for node in model.graph.node))
     used.update(o.name for o in model.graph.output)
-    # Deleted in place, from the end: rebuilding the list would copy every kept tensor (gigabytes for a large model).
-    for index in reversed([i for i, t in enumerate(model.graph.initializer) if t.name not in used]):
+    remove_initializers(model, {t.name for t in model.graph.initializer} - used)
+
+
+def remove_initializers(model: onnx.ModelProto, names: set[str]) -> None:
+    """Delete the named top-level initializers in place, from the end: rebuilding the list would copy every kept
+    tensor (gigabytes for a large model)."""
+    for index in reversed([i for i, t in enumerate(model.graph.initializer) if t.name in names]):
         del model.graph.initializer[index]
 
 

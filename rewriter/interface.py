@@ -21,7 +21,7 @@ from onnx import numpy_helper
 
 from .canonical import declared_shape, graph_inputs
 from .errors import ModelError
-from .graph import GraphView, attributes, node_reads, unique_name
+from .graph import GraphView, attributes, node_reads, remove_initializers, unique_name
 from .loading import check_model, infer_shapes, ort_session
 
 Dim = tuple[str, int]  # (input name, axis)
@@ -90,9 +90,7 @@ def _drop_orphans(model: onnx.ModelProto, names: set[str]) -> None:
     onnxruntime warn about unused initializers each time it is opened."""
     graph = model.graph
     read = set().union(*(node_reads(node) for node in graph.node), (v.name for v in [*graph.input, *graph.output]))
-    orphans = names - read
-    for index in reversed([i for i, t in enumerate(model.graph.initializer) if t.name in orphans]):
-        del model.graph.initializer[index]
+    remove_initializers(model, names - read)
 
 
 def _freed_target(target: list[int], source: list[int | None], allowzero: bool) -> list[int] | None:
