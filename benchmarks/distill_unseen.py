@@ -107,6 +107,9 @@ def main() -> None:
         fid = record["fidelity"]
         figures = {k: round(fid[k], 4) for k in FIGURES if isinstance(fid.get(k), float)}
         print(record["name"], "MACs", record.get("macs_after"), "bytes", record.get("bytes_after"), figures)
+        for tried in record.get("tried", []):  # the gentler settings the pipeline retried it with
+            print("  tried", tried["options"], "drop", round(tried["drop"], 4), "MACs", tried["macs_after"],
+                  "bytes", tried["bytes_after"], "s", round(tried["seconds"]))
     if budget:
         spent = result.report["budget"]
         cuts = sorted(round(v, 2) for units in spent["allocation"].values() for v in units.values())

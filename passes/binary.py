@@ -42,6 +42,8 @@ class BinaryPass:
     """Multi-basis binary weights with scales refitted on activations."""
 
     name = "binary"
+    # Retried in turn while the signs lose more than the fidelity target (pipeline.run_passes): more bases.
+    gentler = ({"bases": 2}, {"bases": 3})
 
     def __init__(
         self, *, bases: int = 1, include_first_last: bool = False, data_aware: bool = True, skip: str = ""

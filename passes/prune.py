@@ -48,6 +48,10 @@ class PrunePass:
 
     name = "prune"
     budget_levels = (0.25, 0.5, 0.75)  # share of a group's channels removed, tried per group by --budget
+    # Retried in turn while the cut loses more than the fidelity target (pipeline.run_passes): a tighter bound holds
+    # back the groups that cost the most, then half the ratio. PP-OCRv4's recogniser: per-step top-1 94.2 % at 0.2,
+    # 96.6 % at 0.05.
+    gentler = ({"max_error": 0.1}, {"max_error": 0.05}, {"max_error": 0.05, "ratio": 0.15})
 
     def __init__(
         self,

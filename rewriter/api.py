@@ -27,7 +27,7 @@ from .output import check_out_dir, staged_dir
 from .pass_api import PassContext
 from .pipeline import Reference, checked, run_passes, warn_collapse
 from .progress import log
-from .registry import make_pass, resolve_options
+from .registry import make_pass, resolve_options, retry_settings
 from .report_html import render as render_html
 from .settings import (
     check_input_shapes,
@@ -149,8 +149,10 @@ def rewrite(
         reference = Reference.build(original, base, held, output_axes)
         log("fidelity read along: " + "; ".join(f"{n}: axis {lay.feature_axis} ({lay.why})"
                                                for n, lay in reference.layouts.items()))
+    # Under --budget the cuts are the user's choice: no pass is retried milder.
+    retries = {} if budget else {name: retry_settings(name, options.get(name, {})) for name in passes}
     ctx = PassContext(fit=fit, seed=seed, budget=budget, teacher=base, channel_multiple=spec.channel_multiple,
-                      output_axes=output_axes)
+                      output_axes=output_axes, retries=retries)
     final, records, budget_report = _run(base, plan, ctx, reference, max_drop)
     if max_drop is None and records:
         warn_collapse(records[-1]["fidelity"])

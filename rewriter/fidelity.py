@@ -2,8 +2,8 @@
 
 Outputs arrive as one array per sample (as onnxruntime returns them), so outputs without a batch axis
 or with a varying number of rows (NMS-style detectors) are compared sample by sample. Each output is
-read along its own feature axis (see layouts.py): the worst per-channel cosine there (over the classes
-either model picks, on a softmax class axis), top-1 agreement
+read along its own feature axis (see layouts.py): the worst per-channel cosine there (on a softmax class axis,
+over the classes the models pick often enough for a cosine to mean something), top-1 agreement
 per position along the class axis, and the mean per-sample cosine all feed `drop`, the figure that
 --max-drop limits.
 """
@@ -22,6 +22,9 @@ SILENT_CHANNEL = 1e-6
 # Sigmoid scores below this are background: their argmax is noise and is not scored (detectors' anchors).
 SCORE_THRESHOLD = 0.25
 IOU_MATCH = 0.5
+# A class channel of a probability output is scored by its cosine only over this many positions where either model
+# picks it (at 20, one flipped position costs it 0.025): below, a single flip reads as a lost class.
+MIN_CLASS_SUPPORT = 20
 MAX_LISTED_CHANNELS = 4096  # per-channel cosines kept in the report (a recogniser may have 8,000 classes)
 
 Samples = Sequence[np.ndarray]
@@ -62,19 +65,23 @@ def channel_cosines(pairs: list[tuple[np.ndarray, np.ndarray]], axis: int | None
     return _cosine_rows(a, b, silent)
 
 
-def absent_classes(pairs: list[tuple[np.ndarray, np.ndarray]], layout: OutputLayout) -> np.ndarray | None:
-    """Probability channels (softmax along the feature axis) that neither model ever ranks first or scores at
-    SCORE_THRESHOLD at any position: they decide nothing, and a recogniser's thousands of unseen characters carry
-    probabilities near 1e-6 whose cosine reads noise. None where the output is not such a class axis."""
+def unscored_classes(pairs: list[tuple[np.ndarray, np.ndarray]], layout: OutputLayout) -> np.ndarray | None:
+    """Probability channels (softmax along the feature axis) that the two models rank first or score at
+    SCORE_THRESHOLD at fewer than MIN_CLASS_SUPPORT positions together: a recogniser's thousands of unseen characters
+    carry probabilities near 1e-6 whose cosine reads noise, and over a character seen at two steps one flipped step
+    reads as a lost channel. Top-1 agreement counts those steps. None where the output is not such a class axis."""
     if layout.scores not in ("softmax", "probabilities") or layout.class_channels is not None:
         return None
-    present = None
+    support = None
     for r, n in pairs:
-        for scores in (_scores(r, layout), _scores(n, layout)):
-            hit = scores.max(axis=0) >= SCORE_THRESHOLD
-            hit[scores.argmax(axis=1)] = True
-            present = hit if present is None else present | hit
-    return None if present is None else ~present
+        ref, new = _scores(r, layout), _scores(n, layout)
+        hit = (ref >= SCORE_THRESHOLD) | (new >= SCORE_THRESHOLD)
+        rows = np.arange(len(hit))
+        hit[rows, ref.argmax(axis=1)] = True
+        hit[rows, new.argmax(axis=1)] = True
+        count = hit.sum(axis=0)
+        support = count if support is None else support + count
+    return None if support is None else support < MIN_CLASS_SUPPORT
 
 
 def _scores(value: np.ndarray, layout: OutputLayout) -> np.ndarray:
@@ -147,10 +154,10 @@ def _output_figures(ref: Samples, new: Samples, layout: OutputLayout, labels: np
     if not pairs:
         return {**figures, "channel_cosine_min": 0.0, "worst_channel": None, "rel_l2": 1.0}
     cosines = channel_cosines(pairs, layout.feature_axis)
-    absent = absent_classes(pairs, layout)
-    if absent is not None:
-        cosines[absent] = 1.0
-        figures["classes_scored"] = int((~absent).sum())
+    unscored = unscored_classes(pairs, layout)
+    if unscored is not None:
+        cosines[unscored] = 1.0
+        figures["classes_scored"] = int((~unscored).sum())
     ref_norm = np.sqrt(sum(float(np.sum(r * r)) for r, _ in pairs))
     err_norm = np.sqrt(sum(float(np.sum((n - r) ** 2)) for r, n in pairs))
     figures.update(channel_cosine_min=float(cosines.min()), worst_channel=int(cosines.argmin()),

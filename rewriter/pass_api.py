@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import onnx
@@ -35,6 +35,9 @@ class PassContext:
     # --output-axis as the user gave it ({output: (axis, carries class scores or None)}): passes that read outputs
     # themselves (distill's loss and its own held-out check) read them as the report does.
     output_axes: Mapping[str, tuple[int, bool | None]] = field(default_factory=dict)
+    # The gentler settings the pipeline may retry each pass with when it loses more than the fidelity target
+    # ({pass: (options, ...)}, mildest last): a pass's own `gentler` less those touching an option the user set.
+    retries: Mapping[str, tuple[Mapping[str, Any], ...]] = field(default_factory=dict)
 
     def require_data(self, pass_name: str, why: str) -> Calibration:
         if self.fit is None:
@@ -92,6 +95,15 @@ class Pass(Protocol):
     name: ClassVar[str]
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult: ...
+
+
+class Gentle(Protocol):
+    """A pass with milder settings to fall back on. `gentler` lists option overrides, each milder than the one
+    before; when the pass loses more fidelity than the target, the pipeline runs it again with the next one
+    (only where the user left those options at their defaults)."""
+
+    name: ClassVar[str]
+    gentler: ClassVar[tuple[Mapping[str, Any], ...]]
 
 
 class Allocatable(Protocol):

@@ -125,3 +125,8 @@ def make_pass(name: str, options: Mapping[str, Any] | None = None) -> Pass:
         return get_pass(name)(**resolve_options(name, options))
     except ValueError as exc:
         raise UsageError(f"bad options for pass {name!r}: {exc}") from exc
+
+
+def retry_settings(name: str, given: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
+    """The pass's gentler settings (pass_api.Gentle) that leave every option the user set as it was."""
+    return tuple(dict(s) for s in getattr(get_pass(name), "gentler", ()) if not set(s) & set(given))

@@ -11,7 +11,7 @@ import pytest
 from rewriter import rewrite
 from rewriter.cli import main
 from rewriter.pipeline import checked
-from tests.helpers import CALIB, SAMPLES, mlp_model
+from tests.helpers import CALIB, SAMPLES, conv1d_model, mlp_model, smooth_signals
 
 REPORT_KEYS = {"input", "output", "passes", "fidelity", "target"}
 PASS_KEYS = {"name", "options", "changed", "macs_before", "macs_after", "bytes_before", "bytes_after", "fidelity",
@@ -118,3 +118,35 @@ def test_checked_leaves_the_model_it_is_given_as_it_was():
     before = model.SerializeToString()
     checked(model, "a pass that changed nothing")
     assert model.SerializeToString() == before
+
+
+def test_a_pass_over_the_fidelity_target_is_retried_milder_and_the_first_within_it_kept():
+    """prune at its defaults loses 0.063 on this model (over the 0.05 target); at max_error 0.1 it keeps 0.006."""
+    result = rewrite(conv1d_model(), passes=["prune"], calib={"x": smooth_signals(96)})
+    record = result.report["passes"][0]
+    tried = record["tried"]
+    assert record["fidelity_target"] == 0.05 and len(tried) >= 2
+    assert tried[0]["options"]["max_error"] == 0.2 and tried[0]["drop"] > 0.05
+    assert all(t["drop"] > 0.05 for t in tried[:-1]) and tried[-1]["drop"] <= 0.05
+    assert record["options"] == {**record["options"], **tried[-1]["options"]}
+    assert record["fidelity"]["drop"] == tried[-1]["drop"] == result.report["fidelity"]["drop"]
+    assert tried[-1]["macs_after"] > tried[0]["macs_after"]  # a milder cut
+
+
+def test_options_the_user_set_are_not_retried_and_max_drop_sets_the_target():
+    calib = {"x": smooth_signals(96)}
+    pinned = rewrite(conv1d_model(), passes=["binary"], calib=calib, options={"binary": {"bases": 1}})
+    assert "tried" not in pinned.report["passes"][0] and pinned.report["fidelity"]["drop"] > 0.3
+    loose = rewrite(conv1d_model(), passes=["binary"], calib=calib, max_drop=0.2)
+    record = loose.report["passes"][0]
+    assert record["fidelity_target"] == 0.2 and record["options"]["bases"] == 2  # 2 bases are within 0.2
+    assert [t["options"]["bases"] for t in record["tried"]] == [1, 2]
+
+
+def test_max_drop_refuses_only_what_stays_over_it_at_every_setting(tmp_path):
+    from rewriter.errors import GuardrailError
+
+    with pytest.raises(GuardrailError):
+        rewrite(conv1d_model(), passes=["binary"], calib={"x": smooth_signals(96)}, max_drop=0.001,
+                out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
