@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_yolov8n_groups_through_split_concat_and_residuals(real):
     model, calib = real["yolov8n"]
     result = rewrite(model, passes=["prune"], calib=first_samples(calib, 24), holdout=0.34,
-                     options={"prune": {"ratio": 0.3}})
+                     options={"prune": {"ratio": 0.3, "max_error": 0.2}})  # not retried milder
     report = result.report
     assert report["output"]["macs"] <= 0.65 * report["input"]["macs"]
     notes = report["passes"][0]["notes"]
