@@ -131,6 +131,22 @@ def _summary(report: dict) -> str:
     return f"<h2>Size, MACs and fidelity, pass by pass</h2>{charts}{table}"
 
 
+def _retries(report: dict) -> str:
+    """The milder settings a pass was run again with, when it lost more than the fidelity target."""
+    retried = [p for p in report["passes"] if p.get("tried")]
+    if not retried:
+        return ""
+    rows = []
+    for record in retried:
+        kept = {k: record["options"][k] for k in record["tried"][0]["options"]}
+        rows += [[_esc(record["name"]), _esc(", ".join(f"{k}={v}" for k, v in t["options"].items())),
+                  f"{t['drop']:.4f}", f"{t['macs_after']:,}", f"{t['bytes_after']:,}", f"{t['seconds']:.1f}",
+                  "kept" if t["options"] == kept else ""] for t in record["tried"]]
+    target = retried[0]["fidelity_target"]
+    return (f"<h2>Settings tried (fidelity target: drop ≤ {target})</h2>"
+            + _table(["pass", "settings", "drop", "MACs", "bytes", "seconds", ""], rows))
+
+
 def _outputs(report: dict) -> str:
     fid = report.get("fidelity")
     if not fid:
@@ -183,6 +199,7 @@ def render(report: dict) -> str:
     head = (f"<h1>{_esc(title)}</h1><p>passes: <b>{_esc(passes)}</b>; target: <b>{_esc(report['target']['name'])}"
             f"</b>; MACs ×{report['output']['macs'] / max(report['input']['macs'], 1):.3f}, file bytes "
             f"×{report['output']['bytes'] / max(report['input']['bytes'], 1):.3f}</p>")
-    body = head + _summary(report) + _budget(report) + _outputs(report) + _latency(report) + _layers(report)
+    sections = (_summary, _retries, _budget, _outputs, _latency, _layers)
+    body = head + "".join(section(report) for section in sections)
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>"
             f"<style>{STYLE}</style></head><body>{body}</body></html>\n")

@@ -53,3 +53,15 @@ def test_report_html_plots_render_in_a_browser(page, tmp_path):
     ink = (pixels.sum(axis=1) < 600).mean()
     assert bars > 0.01, f"plots not drawn: {bars:.4f} of the page in bar colour"
     assert ink > 0.002, "no text on the page"
+
+
+def test_report_html_lists_the_settings_a_pass_was_retried_with():
+    from rewriter.report_html import render
+    from tests.helpers import conv1d_model, smooth_signals
+
+    report = rewrite(conv1d_model(), passes=["binary"], calib={"x": smooth_signals(96)}).report
+    text = render(report)
+    assert "Settings tried (fidelity target: drop ≤ 0.05)" in text
+    for tried in report["passes"][0]["tried"]:
+        assert f"bases={tried['options']['bases']}" in text and f"{tried['drop']:.4f}" in text
+    assert text.count(">kept<") == 1
