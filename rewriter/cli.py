@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt", action="append", default=[], metavar="PASS.KEY=VALUE", help="a pass option")
     p.add_argument("--config", default=None, metavar="FILE.toml", help="defaults for these flags; flags win")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3xHxW", help="fix an input shape")
-    p.add_argument("--max-drop", type=float, default=None, help="refuse (exit 4) a pass whose fidelity drop exceeds X")
+    p.add_argument("--max-drop", type=float, default=None,
+                   help="refuse (exit 4) a pass whose fidelity drop exceeds X at every milder setting tried "
+                   "(default: no refusal; passes are retried milder above a drop of 0.05)")
     p.add_argument("--holdout", type=float, default=None, help="share of calibration held out for fidelity (0.25)")
     p.add_argument("--seed", type=int, default=None, help="seed for every random choice (default 0)")
     p.add_argument("--tune-trials", type=int, default=None, help="MetaSchedule trials (default 0: no tuning)")
