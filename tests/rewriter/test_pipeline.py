@@ -150,3 +150,38 @@ def test_max_drop_refuses_only_what_stays_over_it_at_every_setting(tmp_path):
         rewrite(conv1d_model(), passes=["binary"], calib={"x": smooth_signals(96)}, max_drop=0.001,
                 out_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+class _ScaleWeights:
+    """A pass that only changes values, as distill does: it scales the first weight by `scale`."""
+
+    name = "scale_weights"
+    keeps_graph = True
+
+    def __init__(self, *, scale: float = 1.5) -> None:
+        self.scale = scale
+
+    def run(self, model, ctx):
+        from onnx import numpy_helper
+
+        from rewriter.pass_api import PassResult
+
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        tensor = next(t for t in out.graph.initializer if t.dims and len(t.dims) == 2)
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * self.scale, tensor.name))
+        return PassResult(out, [tensor.name], {})
+
+
+@pytest.mark.parametrize("scale, kept", [(1.5, False), (1.0, True)])
+def test_a_values_only_pass_that_reads_worse_on_held_out_samples_leaves_its_input(monkeypatch, scale, kept):
+    from rewriter import registry
+
+    monkeypatch.setitem(registry._passes, "scale_weights", _ScaleWeights)
+    result = rewrite(SAMPLES / "digits_mlp.onnx", passes=["svd", "scale_weights"], calib=CALIB,
+                     options={"svd": {"rank_ratio": 0.5}, "scale_weights": {"scale": scale}})
+    svd, scaled = result.report["passes"]
+    assert scaled["fidelity"] == svd["fidelity"] == result.report["fidelity"]
+    assert ("not_kept" not in scaled) == kept and bool(scaled["changed"]) == kept
+    if not kept:
+        assert scaled["not_kept"]["fidelity"]["drop"] > svd["fidelity"]["drop"]
