@@ -106,33 +106,41 @@ def run_passes(
     records = []
     target = FIDELITY_TARGET if max_drop is None else max_drop
     for rewrite, options in passes:
-        start = time.perf_counter()
-        new, record = _attempt(rewrite, options, model, ctx, reference)
-        tries, ladder = [(new, record)], ctx.retries.get(rewrite.name, ())
-        varied = sorted({key for settings in ladder for key in settings})
-        for settings in ladder:
-            if not _over(record, target):
-                break
-            log(f"pass {rewrite.name}: drop {record['fidelity']['drop']:.4f} over the fidelity target {target}; "
-                f"again with {_settings(settings)}")
-            gentler = type(rewrite)(**{**options, **settings})
-            tries.append(_attempt(gentler, {**options, **settings}, model, ctx, reference))
-            new, record = tries[-1]
-        if _over(record, target):
-            new, record = min(tries, key=lambda t: t[1]["fidelity"]["drop"])
-            if len(tries) > 1:
-                log(f"warning: pass {rewrite.name} loses more than the fidelity target {target} at every setting "
-                    f"tried; kept {_settings(record['options'], varied)} (drop {record['fidelity']['drop']:.4f})")
-        if len(tries) > 1:
-            record["fidelity_target"] = target
-            record["tried"] = [_tried(r, varied) for _, r in tries]
-            record["seconds"] = round(time.perf_counter() - start, 3)
+        new, record = _within_target(rewrite, options, model, ctx, reference, target)
         if getattr(rewrite, "keeps_graph", False) and record["fidelity"] is not None:
             new = _unless_worse(model, new, record, records, reference)
         records.append(record)
         _guard(rewrite.name, record["fidelity"], max_drop)
         model = new
     return model, records
+
+
+def _within_target(rewrite: Pass, options: dict, model: onnx.ModelProto, ctx: PassContext,
+                   reference: Reference | None, target: float) -> tuple[onnx.ModelProto, dict]:
+    """The pass, then while it loses more than `target` the pass again at each of its gentler settings: the first
+    run within the target, else the most faithful one (its record lists every run when there was more than one)."""
+    start = time.perf_counter()
+    new, record = _attempt(rewrite, options, model, ctx, reference)
+    tries, ladder = [(new, record)], ctx.retries.get(rewrite.name, ())
+    varied = sorted({key for settings in ladder for key in settings})
+    for settings in ladder:
+        if not _over(record, target):
+            break
+        log(f"pass {rewrite.name}: drop {record['fidelity']['drop']:.4f} over the fidelity target {target}; "
+            f"again with {_settings(settings)}")
+        gentler = type(rewrite)(**{**options, **settings})
+        tries.append(_attempt(gentler, {**options, **settings}, model, ctx, reference))
+        new, record = tries[-1]
+    if _over(record, target):
+        new, record = min(tries, key=lambda t: t[1]["fidelity"]["drop"])
+        if len(tries) > 1:
+            log(f"warning: pass {rewrite.name} loses more than the fidelity target {target} at every setting "
+                f"tried; kept {_settings(record['options'], varied)} (drop {record['fidelity']['drop']:.4f})")
+    if len(tries) > 1:
+        record["fidelity_target"] = target
+        record["tried"] = [_tried(r, varied) for _, r in tries]
+        record["seconds"] = round(time.perf_counter() - start, 3)
+    return new, record
 
 
 def _unless_worse(before: onnx.ModelProto, after: onnx.ModelProto, record: dict, records: list[dict],
