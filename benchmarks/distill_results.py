@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import onnx
-from common import SAMPLES, real_models, table
+from common import SAMPLES, at_named_strength, real_models, table
 
 import rewriter.passes._distill_train as distill_train
 from rewriter import rewrite
@@ -86,7 +86,8 @@ def _row(name: str, path: Path, calib: Path, passes: list[str], options: dict, d
          trace: bool = False) -> tuple[list, dict]:
     start = time.perf_counter()
     with _held_out_trace(path, calib) if trace else contextlib.nullcontext([]) as figures:
-        result = rewrite(path, passes=[*passes, "distill"], calib=calib, options={**options, "distill": distill})
+        result = rewrite(path, passes=[*passes, "distill"], calib=calib,
+                         options={**at_named_strength(passes, options), "distill": distill})
     records = result.report["passes"]
     before, after, notes = records[-2]["fidelity"], records[-1]["fidelity"], records[-1]["notes"]
     ratio = records[0]["bytes_before"] / max(records[-1]["bytes_after"], 1)

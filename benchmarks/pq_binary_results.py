@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from common import SAMPLES, library_vs_onnxruntime, real_models, table
+from common import SAMPLES, at_named_strength, library_vs_onnxruntime, real_models, table
 from onnx import numpy_helper
 
 from rewriter import rewrite
@@ -58,7 +58,8 @@ def _subset(calib: Path, n: int | None, folder: Path) -> Path:
 def _ours(name: str, path: Path, calib: Path, pass_name: str, options: dict, build: bool, folder: Path) -> tuple:
     start = time.perf_counter()
     out = folder / f"{name}_{pass_name}_{len(options)}"
-    result = rewrite(path, passes=[pass_name], calib=calib, options={pass_name: options}, out_dir=out,
+    pinned = at_named_strength([pass_name], {pass_name: options})
+    result = rewrite(path, passes=[pass_name], calib=calib, options=pinned, out_dir=out,
                      target="x86" if build else "none", force=True)
     seconds = time.perf_counter() - start
     report, notes = result.report, result.report["passes"][0]["notes"]

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from common import SAMPLES, real_models, table
+from common import SAMPLES, at_named_strength, real_models, table
 
 from rewriter import rewrite
 from rewriter.calib import load_calibration, split
@@ -132,7 +132,8 @@ def _rows(name: str, path: Path, calib: Path, peer: bool, timing: bool, round_to
     if round_to is not None:
         options = {**options, "round_to": round_to}
     start = time.perf_counter()
-    ours = rewrite(path, passes=["prune"], calib=calib, options={"prune": options}, budget=budget, seed=seed,
+    ours = rewrite(path, passes=["prune"], calib=calib, options=at_named_strength(["prune"], {"prune": options}),
+                   budget=budget, seed=seed,
                    holdout=holdout)
     seconds = time.perf_counter() - start
     report = ours.report
@@ -171,7 +172,8 @@ def _accuracy_over_splits(name: str, path: Path, calib: Path, splits: int, holdo
     options, budget = CONFIGS[name]
     rows, correct, total = [], np.zeros(2), 0
     for seed in range(splits):
-        fid = rewrite(path, passes=["prune"], calib=calib, options={"prune": options}, budget=budget, seed=seed,
+        fid = rewrite(path, passes=["prune"], calib=calib, options=at_named_strength(["prune"], {"prune": options}),
+                      budget=budget, seed=seed,
                       holdout=holdout).report["fidelity"]
         held = fid["samples"]
         before, after = fid["accuracy_before"], fid["accuracy_after"]

@@ -37,7 +37,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from common import SAMPLES, real_models, table
+from common import SAMPLES, at_named_strength, real_models, table
 
 from rewriter.bench import ort_latency_ms
 from rewriter.errors import RewriterError
@@ -181,7 +181,7 @@ def _pruned_model(path: Path, calib: Path, ratio: float, round_to: int):
     from rewriter import rewrite
 
     options = {"prune": {"ratio": ratio, "round_to": round_to}}
-    pruned = rewrite(str(path), passes=["prune"], calib=str(calib), options=options).model
+    pruned = rewrite(str(path), passes=["prune"], calib=str(calib), options=at_named_strength(["prune"], options)).model
     with np.load(calib) as data:  # rewrite keeps the user's dynamic batch: fix it to 1 as the builds do
         shapes = {v.name: [1, *data[v.name].shape[1:]] for v in pruned.graph.input if v.name in data.files}
     from rewriter.canonical import canonicalize

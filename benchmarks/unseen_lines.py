@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from common import REPO
+from common import REPO, at_named_strength
 
 sys.path.insert(0, str(REPO / "samples"))
 
@@ -51,7 +51,8 @@ def run(seed: int, passes: list[str], options: dict, budget: dict | None, folder
     np.savez(calib, x=fit_x, labels=fit_y)
     with contextlib.redirect_stdout(sys.stderr):  # the fetch log must not mix into the results
         model = str(fetch.fetch_models(fetch.default_cache())["mobilenetv3_cls"])
-    result = rewrite(model, passes=passes, calib=calib, options=options, budget=budget, seed=seed)
+    result = rewrite(model, passes=passes, calib=calib, options=at_named_strength(passes, options), budget=budget,
+                     seed=seed)
     report = result.report
     before, after = _scores(model, check_x).argmax(1), _scores(result.model, check_x).argmax(1)
     return {"seed": seed, "macs": round(report["output"]["macs"] / report["input"]["macs"], 3),
