@@ -192,6 +192,17 @@ def test_classes_picked_too_rarely_for_a_cosine_are_left_to_top1_and_a_frequent_
     assert fid["outputs"]["p"]["classes_scored"] == 5 and fid["channel_cosine_min"] < 0.5
 
 
+def test_a_classifier_over_a_few_held_out_samples_still_scores_its_classes():
+    """16 images of a two-class classifier: each class holds a quarter of them or more, so both are scored."""
+    rng = np.random.default_rng(3)
+    logits = [rng.normal(size=(1, 2)) * 3 for _ in range(16)]
+    ref = [_softmax(x) for x in logits]
+    new = [_softmax(x * 0.5) for x in logits]  # the same picks, softer
+    fid = compare(["p"], {"p": ref}, {"p": new}, {"p": OutputLayout(1, "softmax")})
+    assert fid["outputs"]["p"]["classes_scored"] == 2 and fid["top1_agreement"] == 1.0
+    assert fid["channel_cosine_min"] < 0.999
+
+
 def test_embedding_is_not_scored_by_top1():
     rng = np.random.default_rng(4)
     ref = [rng.normal(size=(1, 64)) for _ in range(40)]
