@@ -127,7 +127,7 @@ def _within_target(rewrite: Pass, options: dict, model: onnx.ModelProto, ctx: Pa
         if not _over(record, target):
             break
         log(f"pass {rewrite.name}: drop {record['fidelity']['drop']:.4f} over the fidelity target {target}; "
-            f"again with {_settings(settings)}")
+            f"again with {_settings(settings)} (that run took {record['seconds']:.0f} s)")
         gentler = type(rewrite)(**{**options, **settings})
         tries.append(_attempt(gentler, {**options, **settings}, model, ctx, reference))
         new, record = tries[-1]
