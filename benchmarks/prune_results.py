@@ -133,8 +133,7 @@ def _rows(name: str, path: Path, calib: Path, peer: bool, timing: bool, round_to
         options = {**options, "round_to": round_to}
     start = time.perf_counter()
     ours = rewrite(path, passes=["prune"], calib=calib, options=at_named_strength(["prune"], {"prune": options}),
-                   budget=budget, seed=seed,
-                   holdout=holdout)
+                   budget=budget, seed=seed, holdout=holdout)
     seconds = time.perf_counter() - start
     report = ours.report
     shapes = report["input_shapes"]
@@ -173,8 +172,7 @@ def _accuracy_over_splits(name: str, path: Path, calib: Path, splits: int, holdo
     rows, correct, total = [], np.zeros(2), 0
     for seed in range(splits):
         fid = rewrite(path, passes=["prune"], calib=calib, options=at_named_strength(["prune"], {"prune": options}),
-                      budget=budget, seed=seed,
-                      holdout=holdout).report["fidelity"]
+                      budget=budget, seed=seed, holdout=holdout).report["fidelity"]
         held = fid["samples"]
         before, after = fid["accuracy_before"], fid["accuracy_after"]
         correct += np.array([before, after]) * held

@@ -69,9 +69,9 @@ def channel_cosines(pairs: list[tuple[np.ndarray, np.ndarray]], axis: int | None
 def unscored_classes(pairs: list[tuple[np.ndarray, np.ndarray]], layout: OutputLayout) -> np.ndarray | None:
     """Probability channels (softmax along the feature axis) that the two models rank first or score at
     SCORE_THRESHOLD at fewer than MIN_CLASS_SUPPORT positions together (or a quarter of the positions, when that is
-    fewer): a recogniser's thousands of unseen characters
-    carry probabilities near 1e-6 whose cosine reads noise, and over a character seen at two steps one flipped step
-    reads as a lost channel. Top-1 agreement counts those steps. None where the output is not such a class axis."""
+    fewer): a recogniser's thousands of unseen characters carry probabilities near 1e-6 whose cosine reads noise,
+    and over a character seen at two steps one flipped step reads as a lost channel. Top-1 agreement counts those
+    steps. None where the output is not such a class axis."""
     if layout.scores not in ("softmax", "probabilities") or layout.class_channels is not None:
         return None
     support, positions = None, 0
