@@ -3,8 +3,8 @@
 Float initializers become `torch.nn.Parameter`s keyed by their ONNX names, so training changes exactly the
 values the ONNX file holds and `write_back` puts them into the same initializers (same names, shapes, dtypes).
 Integer initializers (PQ codes, packed sign bits, shapes) stay constant tensors. Each op is a small function
-in `_OPS` (the long tail in _torch_ops.py, LSTM/GRU/RNN in _torch_recurrent.py); an op that is not there
-is a one-line ModelError naming it (and why, for the ops refused on purpose).
+in `_OPS` (the long tail in _torch_ops.py, LSTM/GRU/RNN in _torch_recurrent.py); an `If` runs the branch its
+condition picks. An op that is not there is a one-line ModelError naming it (and why, for the ops refused on purpose).
 
 Graphs arrive canonicalised to batch 1; `forward` also runs batches of B samples: a Reshape whose constant
 target starts with the batch's 1 gets B there. Whether that reading is right for a given graph is checked by
@@ -14,7 +14,7 @@ the caller (batched outputs against per-sample ones), never assumed.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -25,7 +25,7 @@ from onnx import helper, numpy_helper
 from rewriter.errors import ModelError
 from rewriter.graph import attributes
 
-from ._torch_ops import OPS, OPSET_OPS, REFUSED, binary, torch_dtype, unary
+from ._torch_ops import OPS, OPSET_OPS, binary, torch_dtype, unary
 from ._torch_ops import ints as _ints
 from ._torch_recurrent import recurrent
 
@@ -347,7 +347,27 @@ _OPS: dict[str, Callable] = {
     "RNN": lambda attrs, *args: recurrent("RNN", attrs, *args),
 } | OPS
 SUPPORTED_OPS = frozenset(_OPS) | frozenset(OPSET_OPS) | {"Constant", "Cast", "Split", "Reshape", "Softmax",
-                                                          "LogSoftmax"}
+                                                          "LogSoftmax", "If"}
+# Ops refused with a reason rather than a bare "not supported".
+REFUSED = {op: "integer-only quantised kernels carry no gradient; distill the float or QDQ model instead"
+           for op in ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")} | {
+    op: "a loop body is not interpreted" for op in ("Loop", "Scan")}
+
+
+def _subgraphs(graph: onnx.GraphProto) -> Iterator[tuple[onnx.NodeProto, str, onnx.GraphProto]]:
+    """Every subgraph below `graph` (If branches, loop bodies, nested), with its node and attribute name."""
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                yield node, attr.name, sub
+                yield from _subgraphs(sub)
+
+
+def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """The graph's nodes and those of its subgraphs."""
+    yield from graph.node
+    for _, _, sub in _subgraphs(graph):
+        yield from sub.node
 
 
 def trainable_names(model: onnx.ModelProto) -> list[str]:
@@ -372,18 +392,26 @@ class TorchGraph(torch.nn.Module):
         self.nodes = list(model.graph.node)
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
         self.attrs = [attributes(node) for node in self.nodes]
+        nodes = list(_nodes(model.graph))
         unsupported = sorted({n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}:{n.op_type}"
-                              for n in self.nodes if n.op_type not in SUPPORTED_OPS or n.domain not in ("", "ai.onnx")})
+                              for n in nodes if n.op_type not in SUPPORTED_OPS or n.domain not in ("", "ai.onnx")})
         if unsupported:
             why = "; ".join(f"{op}: {REFUSED[op]}" for op in unsupported if op in REFUSED)
             raise ModelError(f"distill: op(s) {', '.join(unsupported)} not supported by the PyTorch interpreter"
                              + (f" ({why})" if why else ""))
-        self.dtypes = {t.name: helper.tensor_dtype_to_np_dtype(t.data_type) for t in model.graph.initializer}
+        # An If's branches: their nodes with attributes, and the names they return, by (If output, branch).
+        self.branches: dict[tuple[str, str], tuple[list, list, list[str]]] = {
+            (node.output[0], key): (list(attrs[key].node), [attributes(n) for n in attrs[key].node],
+                                    [v.name for v in attrs[key].output])
+            for node in nodes if node.op_type == "If" for attrs in [attributes(node)]
+            for key in ("then_branch", "else_branch")}
+        initializers = [*model.graph.initializer, *(t for _, _, g in _subgraphs(model.graph) for t in g.initializer)]
+        self.dtypes = {t.name: helper.tensor_dtype_to_np_dtype(t.data_type) for t in initializers}
         wanted = set(trainable)
         self.params: dict[str, torch.nn.Parameter] = {}
         self.constants: dict[str, torch.Tensor] = {}
         self._params = torch.nn.ParameterList()
-        for tensor in model.graph.initializer:
+        for tensor in initializers:  # a branch's own initializers stay constant (trainable_names reads the top graph)
             value = torch.from_numpy(numpy_helper.to_array(tensor).copy())
             if tensor.name in wanted:
                 param = torch.nn.Parameter(value.float())  # float16 codebooks train in float32, stored back as float16
@@ -408,13 +436,30 @@ class TorchGraph(torch.nn.Module):
         """The graph outputs plus the tensors named in `keep`, for a batch of samples on axis 0."""
         env: dict[str, torch.Tensor] = dict(feeds)
         batch = next(iter(feeds.values())).shape[0] if feeds else 1
-        for node, attrs in zip(self.nodes, self.attrs, strict=True):
+        self._run_nodes(self.nodes, self.attrs, env, batch)
+        return {name: env[name] if name in env else self._value(env, name) for name in [*self.outputs, *keep]}
+
+    def _run_nodes(self, nodes: Sequence[onnx.NodeProto], attrs: Sequence[dict], env: dict[str, torch.Tensor],
+                   batch: int) -> None:
+        for node, node_attrs in zip(nodes, attrs, strict=True):
             args = [self._value(env, name) for name in node.input]
-            outs = self._run(node, attrs, args, batch)
+            outs = self._if(node, args[0], env, batch) if node.op_type == "If" else self._run(node, node_attrs,
+                                                                                                 args, batch)
             for name, value in zip(node.output, outs, strict=False):
                 if name:
                     env[name] = value
-        return {name: env[name] if name in env else self._value(env, name) for name in [*self.outputs, *keep]}
+
+    def _if(self, node: onnx.NodeProto, cond: torch.Tensor, env: Mapping[str, torch.Tensor],
+            batch: int) -> list[torch.Tensor]:
+        """The branch the condition picks, run eagerly on the enclosing values: gradients flow through the
+        branch taken. A condition per sample of a batch has no single branch: the caller then runs samples alone."""
+        if cond.numel() != 1:
+            raise ModelError(f"distill: If node {node.name or node.output[0]!r} has a condition of {cond.numel()} "
+                             "values (one per sample of a batch?)")
+        nodes, attrs, outputs = self.branches[(node.output[0], "then_branch" if bool(cond.item()) else "else_branch")]
+        local = dict(env)  # the branch reads the enclosing scope; its own names stay inside it
+        self._run_nodes(nodes, attrs, local, batch)
+        return [self._value(local, name) for name in outputs]
 
     def _run(self, node: onnx.NodeProto, attrs: dict, args: list, batch: int) -> list[torch.Tensor]:
         op = node.op_type

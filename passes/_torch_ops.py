@@ -453,7 +453,3 @@ OPS: dict[str, Callable] = {
 # Ops that read the model's opset (keyword `opset`).
 OPSET_OPS: dict[str, Callable] = {"Resize": resize, "Upsample": upsample, "QuantizeLinear": quantize,
                                   "DequantizeLinear": dequantize}
-# Ops refused with a reason rather than a bare "not supported".
-REFUSED = {op: "integer-only quantised kernels carry no gradient; distill the float or QDQ model instead"
-           for op in ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")} | {
-    op: "control flow (subgraphs) is not interpreted" for op in ("If", "Loop", "Scan")}
