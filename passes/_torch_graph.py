@@ -4,7 +4,8 @@ Float initializers become `torch.nn.Parameter`s keyed by their ONNX names, so tr
 values the ONNX file holds and `write_back` puts them into the same initializers (same names, shapes, dtypes).
 Integer initializers (PQ codes, packed sign bits, shapes) stay constant tensors. Each op is a small function
 in `_OPS` (the long tail in _torch_ops.py, LSTM/GRU/RNN in _torch_recurrent.py); an `If` runs the branch its
-condition picks. An op that is not there is a one-line ModelError naming it (and why, for the ops refused on purpose).
+condition picks, a `Loop` its iterations. An op that is not there is a one-line ModelError naming it (and why, for
+the ops refused on purpose).
 
 Graphs arrive canonicalised to batch 1; `forward` also runs batches of B samples: a Reshape whose constant
 target starts with the batch's 1 gets B there. Whether that reading is right for a given graph is checked by
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -347,11 +349,19 @@ _OPS: dict[str, Callable] = {
     "RNN": lambda attrs, *args: recurrent("RNN", attrs, *args),
 } | OPS
 SUPPORTED_OPS = frozenset(_OPS) | frozenset(OPSET_OPS) | {"Constant", "Cast", "Split", "Reshape", "Softmax",
-                                                          "LogSoftmax", "If"}
+                                                          "LogSoftmax", "If", "Loop"}
 # Ops refused with a reason rather than a bare "not supported".
 REFUSED = {op: "integer-only quantised kernels carry no gradient; distill the float or QDQ model instead"
            for op in ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")} | {
-    op: "a loop body is not interpreted" for op in ("Loop", "Scan")}
+    "Scan": "a scan body is not interpreted"}
+
+
+class _Body(NamedTuple):
+    """A subgraph the interpreter runs: an If branch or a Loop body."""
+    nodes: list[onnx.NodeProto]
+    attrs: list[dict]
+    inputs: list[str]
+    outputs: list[str]
 
 
 def _subgraphs(graph: onnx.GraphProto) -> Iterator[tuple[onnx.NodeProto, str, onnx.GraphProto]]:
@@ -399,12 +409,11 @@ class TorchGraph(torch.nn.Module):
             why = "; ".join(f"{op}: {REFUSED[op]}" for op in unsupported if op in REFUSED)
             raise ModelError(f"distill: op(s) {', '.join(unsupported)} not supported by the PyTorch interpreter"
                              + (f" ({why})" if why else ""))
-        # An If's branches: their nodes with attributes, and the names they return, by (If output, branch).
-        self.branches: dict[tuple[str, str], tuple[list, list, list[str]]] = {
-            (node.output[0], key): (list(attrs[key].node), [attributes(n) for n in attrs[key].node],
-                                    [v.name for v in attrs[key].output])
-            for node in nodes if node.op_type == "If" for attrs in [attributes(node)]
-            for key in ("then_branch", "else_branch")}
+        # If branches and Loop bodies by (node's first output, attribute): nodes, their attributes, inputs, outputs.
+        self.bodies: dict[tuple[str, str], _Body] = {
+            (node.output[0], key): _Body(list(sub.node), [attributes(n) for n in sub.node],
+                                         [v.name for v in sub.input], [v.name for v in sub.output])
+            for node, key, sub in _subgraphs(model.graph) if node.op_type in ("If", "Loop")}
         initializers = [*model.graph.initializer, *(t for _, _, g in _subgraphs(model.graph) for t in g.initializer)]
         self.dtypes = {t.name: helper.tensor_dtype_to_np_dtype(t.data_type) for t in initializers}
         wanted = set(trainable)
@@ -443,8 +452,12 @@ class TorchGraph(torch.nn.Module):
                    batch: int) -> None:
         for node, node_attrs in zip(nodes, attrs, strict=True):
             args = [self._value(env, name) for name in node.input]
-            outs = self._if(node, args[0], env, batch) if node.op_type == "If" else self._run(node, node_attrs,
-                                                                                                 args, batch)
+            if node.op_type == "If":
+                outs = self._if(node, args[0], env, batch)
+            elif node.op_type == "Loop":
+                outs = self._loop(node, args, env, batch)
+            else:
+                outs = self._run(node, node_attrs, args, batch)
             for name, value in zip(node.output, outs, strict=False):
                 if name:
                     env[name] = value
@@ -456,10 +469,39 @@ class TorchGraph(torch.nn.Module):
         if cond.numel() != 1:
             raise ModelError(f"distill: If node {node.name or node.output[0]!r} has a condition of {cond.numel()} "
                              "values (one per sample of a batch?)")
-        nodes, attrs, outputs = self.branches[(node.output[0], "then_branch" if bool(cond.item()) else "else_branch")]
-        local = dict(env)  # the branch reads the enclosing scope; its own names stay inside it
-        self._run_nodes(nodes, attrs, local, batch)
-        return [self._value(local, name) for name in outputs]
+        body = self.bodies[(node.output[0], "then_branch" if bool(cond.item()) else "else_branch")]
+        return self._run_body(body, {}, env, batch)
+
+    def _loop(self, node: onnx.NodeProto, args: list, env: Mapping[str, torch.Tensor],
+              batch: int) -> list[torch.Tensor]:
+        """ONNX Loop, run eagerly: up to M iterations while the condition holds; the loop-carried values go
+        round, the scan outputs are stacked on a new first axis."""
+        trips, cond, carried = args[0], args[1] if len(args) > 1 else None, list(args[2:])
+        if trips is None and cond is None:
+            raise ModelError(f"distill: Loop node {node.name or node.output[0]!r} has neither a trip count nor a "
+                             "condition")
+        body = self.bodies[(node.output[0], "body")]
+        scans: list[list[torch.Tensor]] = [[] for _ in range(len(body.outputs) - 1 - len(carried))]
+        going, step = cond is None or bool(cond.item()), 0
+        while going and (trips is None or step < int(trips.item())):
+            values = self._run_body(body, {body.inputs[0]: torch.tensor(step), body.inputs[1]: torch.tensor(going),
+                                           **dict(zip(body.inputs[2:], carried, strict=True))}, env, batch)
+            going = bool(values[0].item())  # onnxruntime ends on the body's condition even with no `cond` input
+            carried = values[1: 1 + len(carried)]
+            for stacked, value in zip(scans, values[1 + len(carried):], strict=True):
+                stacked.append(value)
+            step += 1
+        if any(not stacked for stacked in scans):
+            raise ModelError(f"distill: Loop node {node.name or node.output[0]!r} ran no iteration, so its scan "
+                             "outputs have no shape")
+        return [*carried, *(torch.stack(stacked) for stacked in scans)]
+
+    def _run_body(self, body: _Body, bound: Mapping[str, torch.Tensor], env: Mapping[str, torch.Tensor],
+                  batch: int) -> list[torch.Tensor]:
+        """A subgraph on the enclosing values plus its own bound inputs; its names stay inside it."""
+        local = {**env, **bound}
+        self._run_nodes(body.nodes, body.attrs, local, batch)
+        return [self._value(local, name) for name in body.outputs]
 
     def _run(self, node: onnx.NodeProto, attrs: dict, args: list, batch: int) -> list[torch.Tensor]:
         op = node.op_type

@@ -353,7 +353,7 @@ def test_qdq_trains_only_float_tensors_outside_quantisation():
     (n("QLinearMatMul", ["a", "as", "az", "b", "bs", "bz", "ys", "yz"], ["y"]), "QLinearMatMul: integer-only"),
     (n("MatMulInteger", ["a", "b"], ["y"]), "MatMulInteger: integer-only"),
     (n("FusedMatMul", ["a", "b"], ["y"], domain="com.microsoft"), "com.microsoft:FusedMatMul"),
-    (n("Loop", ["m", "c"], ["y"]), "Loop: a loop body"),
+    (n("Scan", ["x"], ["y"], num_scan_inputs=1), "Scan: a scan body"),
 ])
 def test_refused_ops_say_why_in_one_line(node, match):
     graph = helper.make_graph([node], "g", [], [helper.make_empty_tensor_value_info("y")])
@@ -441,6 +441,45 @@ def test_distill_trains_a_model_with_an_if_sample_by_sample():
     assert result.notes["val_after"]["loss"] < result.notes["val_before"]["loss"]
     assert [n.SerializeToString() for n in result.model.graph.node] == [n.SerializeToString()
                                                                         for n in student.graph.node]
+
+
+def _loop(trips: int | None, threshold: float | None) -> tuple[onnx.ModelProto, dict]:
+    """h <- tanh(h @ w + x) up to `trips` times while the step number is below `threshold` (either may be absent),
+    twice the sum of h scanned out each step; w is an initializer of the enclosing graph, the body holds constants
+    of its own."""
+    tensor_info = helper.make_tensor_value_info
+    body = helper.make_graph(
+        [n("MatMul", ["h_in", "w"], ["m"]), n("Add", ["m", "x"], ["a"]), n("Tanh", ["a"], ["h_out"]),
+         n("ReduceSum", ["h_out"], ["total"], keepdims=0), n("Cast", ["i"], ["step"], to=onnx.TensorProto.FLOAT),
+         n("Less", ["step", "limit"], ["go"]),
+         n("Mul", ["total", "two"], ["scan"])],
+        "body", [tensor_info("i", onnx.TensorProto.INT64, []), tensor_info("c", onnx.TensorProto.BOOL, []),
+                 tensor_info("h_in", onnx.TensorProto.FLOAT, [1, 3])],
+        [tensor_info("go", onnx.TensorProto.BOOL, []), tensor_info("h_out", onnx.TensorProto.FLOAT, [1, 3]),
+         tensor_info("scan", onnx.TensorProto.FLOAT, [])],
+        [numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+         numpy_helper.from_array(np.array(1e9 if threshold is None else threshold, np.float32), "limit")])
+    inits = {"w": _rand(3, 3, seed=2) * 0.5, "h0": np.zeros((1, 3), np.float32)}
+    if trips is not None:
+        inits["trips"] = np.array(trips, np.int64)
+    if threshold is not None:
+        inits["start"] = np.array(True)
+    loop = n("Loop", ["trips" if trips is not None else "", "start" if threshold is not None else "", "h0"],
+             ["h", "sums"], body=body)
+    return _graph(loop, {"x": _rand(1, 3, seed=3)}, inits), {"x": _rand(1, 3, seed=3)}
+
+
+@pytest.mark.parametrize("trips, threshold", [(4, None), (None, 2.5), (6, 2.5), (2, 2.5), (6, -1.0)])
+def test_loop_iterates_like_onnxruntime(trips, threshold):
+    model, feeds = _loop(trips, threshold)
+    _check(model, feeds)
+
+
+def test_gradients_reach_a_weight_read_inside_a_loop_body():
+    model, feeds = _loop(4, None)
+    graph = TorchGraph(model, trainable_names(model))
+    graph({"x": torch.from_numpy(feeds["x"])})["sums"].sum().backward()
+    assert graph.params["w"].grad is not None and graph.params["w"].grad.abs().sum() > 0
 
 
 # --- real models (slow) ----------------------------------------------------------------------------------------------
