@@ -384,7 +384,7 @@ def trainable_names(model: onnx.ModelProto) -> list[str]:
     """Float initializers with more than one value that feed data (not configuration) inputs: weights, biases,
     BN scale/shift, codebooks, binary scales, low-rank factors. Scalars (the 6 of a hard-swish, the 2 and 1 that
     map bits to signs) and BN running statistics stay as they are."""
-    config = {node.input[i] for node in model.graph.node
+    config = {node.input[i] for node in _nodes(model.graph)  # If branches' BatchNormalization too
               for i in _CONFIG_INPUTS.get(node.op_type, ()) if i < len(node.input)}
     names = []
     for tensor in model.graph.initializer:

@@ -423,6 +423,23 @@ def test_if_with_a_condition_per_sample_of_a_batch_is_refused_so_samples_run_alo
     assert not takes_batches(TorchGraph(model), {"x": x}, [])
 
 
+def test_batch_norm_statistics_inside_a_branch_are_not_trained():
+    """The exit pass puts the network's tail in If branches; their BatchNormalization running statistics are
+    configuration there too (training them failed: 'native_batch_norm is not differentiable w.r.t. running_mean')."""
+    x = _rand(1, 2, 3, 3)
+    stats = {"scale": np.ones(2, np.float32), "shift": np.zeros(2, np.float32), "mean": _rand(2, seed=1),
+             "var": np.abs(_rand(2, seed=2)) + 0.5, "flag": np.array(True)}
+    branch = helper.make_graph([n("BatchNormalization", ["x", "scale", "shift", "mean", "var"], ["b"])], "then", [],
+                               [helper.make_tensor_value_info("b", onnx.TensorProto.FLOAT, [1, 2, 3, 3])])
+    other = helper.make_graph([n("Identity", ["x"], ["i"])], "else", [],
+                              [helper.make_tensor_value_info("i", onnx.TensorProto.FLOAT, [1, 2, 3, 3])])
+    model = _graph(n("If", ["flag"], ["y"], then_branch=branch, else_branch=other), {"x": x}, stats)
+    assert set(trainable_names(model)) == {"scale", "shift"}
+    graph = TorchGraph(model, trainable_names(model))
+    graph({"x": torch.from_numpy(x)})["y"].sum().backward()
+    _check(model, {"x": x})
+
+
 def test_distill_trains_a_model_with_an_if_sample_by_sample():
     """The pass had refused every If ('control flow is not interpreted'), so prune,pq,distill failed on such models."""
     from rewriter.calib import Calibration
