@@ -9,9 +9,11 @@ error e into the output error e^T G[b] e (Stock et al. 2019, with per-block acti
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
 
 # Scores of this many (block, output, centroid) triples are held at once in the E-step.
 CHUNK_ELEMENTS = 1 << 22
@@ -19,7 +21,11 @@ CHUNK_ELEMENTS = 1 << 22
 
 def plain_kmeans(v: np.ndarray, k: int, seed: int, max_iter: int = 50) -> tuple[np.ndarray, np.ndarray]:
     """Plain k-means on the sub-vectors (rows of v): (centroids k x d, codes)."""
-    km = KMeans(n_clusters=k, n_init=1, max_iter=max_iter, random_state=seed).fit(v)
+    with warnings.catch_warnings():
+        # Fewer distinct sub-vectors than k (a DFT basis, a sparse weight): the spare centroids repeat, and the
+        # codes stay exact; sklearn's warning would break the progress lines.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        km = KMeans(n_clusters=k, n_init=1, max_iter=max_iter, random_state=seed).fit(v)
     return km.cluster_centers_.astype(np.float64), km.labels_.astype(np.int64)
 
 

@@ -185,3 +185,36 @@ def test_a_values_only_pass_that_reads_worse_on_held_out_samples_leaves_its_inpu
     assert ("not_kept" not in scaled) == kept and bool(scaled["changed"]) == kept
     if not kept:
         assert scaled["not_kept"]["fidelity"]["drop"] > svd["fidelity"]["drop"]
+
+
+def _open_clip_mlp() -> onnx.ModelProto:
+    """mlp_model with a Clip whose upper bound is an inf initializer, as PyTorch exports clamp(min=...)."""
+    model = mlp_model()
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    relu.op_type, relu.input[:] = "Clip", ["h", "lo", "hi"]
+    model.graph.initializer.extend([onnx.numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+                                    onnx.numpy_helper.from_array(np.array(np.inf, np.float32), "hi")])
+    return model
+
+
+def test_a_models_own_inf_is_not_a_pass_error():
+    """openwakeword's melspectrogram (Clip bounds of inf) was refused: 'pass prune produced non-finite weights'."""
+    x = np.random.default_rng(0).normal(size=(40, 16)).astype(np.float32)
+    result = rewrite(_open_clip_mlp(), passes=["svd"], calib={"x": x}, options={"svd": {"rank_ratio": 0.5}})
+    assert result.report["passes"][0]["changed"]
+
+
+def test_a_pass_that_writes_nan_is_still_refused():
+    from rewriter.errors import ModelError
+    from rewriter.pipeline import _check_finite
+
+    before = _open_clip_mlp()
+    after = onnx.ModelProto()
+    after.CopyFrom(before)
+    w1 = next(t for t in after.graph.initializer if t.name == "w1")
+    values = onnx.numpy_helper.to_array(w1).copy()
+    values[0, 0] = np.nan
+    w1.CopyFrom(onnx.numpy_helper.from_array(values, "w1"))
+    _check_finite(before, before, "svd")
+    with pytest.raises(ModelError, match="non-finite weights in 'w1'"):
+        _check_finite(before, after, "svd")
