@@ -231,6 +231,42 @@ def _lrn(attrs, x):
     return x / (attrs.get("bias", 1.0) + attrs.get("alpha", 1e-4) / size * window) ** attrs.get("beta", 0.75)
 
 
+def _lp_normalization(attrs, x):
+    p = attrs.get("p", 2)
+    return x / x.abs().pow(p).sum(attrs.get("axis", -1), keepdim=True).pow(1.0 / p)
+
+
+def _mean_variance_normalization(attrs, x):
+    """ONNX's function body: (x - E[x]) / (sqrt(E[x^2] - E[x]^2) + 1e-9) over `axes` (default N, H, W)."""
+    axes = [a % x.dim() for a in attrs.get("axes", [0, 2, 3])]
+    mean = x.mean(axes, keepdim=True)
+    variance = x.square().mean(axes, keepdim=True) - mean.square()
+    return (x - mean) / (variance.sqrt() + 1e-9)
+
+
+def _global_lp_pool(attrs, x):
+    p = attrs.get("p", 2)
+    return x.abs().pow(p).sum(tuple(range(2, x.dim())), keepdim=True).pow(1.0 / p)
+
+
+def _hardmax(attrs, x, *, opset: int):
+    """One-hot of the first largest value along `axis` (before opset 13: of the input flattened from `axis` on)."""
+    axis = attrs.get("axis", -1 if opset >= 13 else 1) % x.dim()
+    flat = x if opset >= 13 else x.reshape(*x.shape[:axis], -1)
+    along = axis if opset >= 13 else flat.dim() - 1
+    hard = F.one_hot(flat.argmax(along), flat.shape[along]).movedim(-1, along).to(x.dtype)
+    return hard.reshape(x.shape)
+
+
+def _grid_sample(attrs, x, grid):
+    mode = {"linear": "bilinear", "cubic": "bicubic"}.get(text(attrs.get("mode", "bilinear")),
+                                                          text(attrs.get("mode", "bilinear")))
+    if x.dim() != 4 and mode == "bicubic":
+        raise ModelError("distill: GridSample with cubic mode over other than 2-D images is not supported")
+    return F.grid_sample(x, grid, mode=mode, padding_mode=text(attrs.get("padding_mode", "zeros")),
+                         align_corners=bool(attrs.get("align_corners", 0)))
+
+
 def _depth_to_space(attrs, x):
     n, c, h, w = x.shape
     bs = attrs["blocksize"]
@@ -448,8 +484,10 @@ OPS: dict[str, Callable] = {
     "Softsign": unary(F.softsign), "Selu": _selu, "Celu": _celu, "Mish": unary(F.mish), "Shrink": _shrink,
     "ThresholdedRelu": lambda attrs, x: torch.where(x > attrs.get("alpha", 1.0), x, torch.zeros_like(x)),
     "InstanceNormalization": _instance_norm, "GroupNormalization": _group_norm, "LRN": _lrn,
-    "DepthToSpace": _depth_to_space, "SpaceToDepth": _space_to_depth,
+    "DepthToSpace": _depth_to_space, "SpaceToDepth": _space_to_depth, "LpNormalization": _lp_normalization,
+    "MeanVarianceNormalization": _mean_variance_normalization, "GlobalLpPool": _global_lp_pool,
+    "GridSample": _grid_sample,
 }
 # Ops that read the model's opset (keyword `opset`).
 OPSET_OPS: dict[str, Callable] = {"Resize": resize, "Upsample": upsample, "QuantizeLinear": quantize,
-                                  "DequantizeLinear": dequantize}
+                                  "DequantizeLinear": dequantize, "Hardmax": _hardmax}
