@@ -4,8 +4,8 @@ Float initializers become `torch.nn.Parameter`s keyed by their ONNX names, so tr
 values the ONNX file holds and `write_back` puts them into the same initializers (same names, shapes, dtypes).
 Integer initializers (PQ codes, packed sign bits, shapes) stay constant tensors. Each op is a small function
 in `_OPS` (the long tail in _torch_ops.py, LSTM/GRU/RNN in _torch_recurrent.py); an `If` runs the branch its
-condition picks, a `Loop` its iterations. An op that is not there is a one-line ModelError naming it (and why, for
-the ops refused on purpose).
+condition picks, a `Loop` or `Scan` its iterations. An op that is not there is a one-line ModelError naming it
+(and why, for the ops refused on purpose).
 
 Graphs arrive canonicalised to batch 1; `forward` also runs batches of B samples: a Reshape whose constant
 target starts with the batch's 1 gets B there. Whether that reading is right for a given graph is checked by
@@ -349,11 +349,10 @@ _OPS: dict[str, Callable] = {
     "RNN": lambda attrs, *args: recurrent("RNN", attrs, *args),
 } | OPS
 SUPPORTED_OPS = frozenset(_OPS) | frozenset(OPSET_OPS) | {"Constant", "Cast", "Split", "Reshape", "Softmax",
-                                                          "LogSoftmax", "If", "Loop"}
+                                                          "LogSoftmax", "If", "Loop", "Scan"}
 # Ops refused with a reason rather than a bare "not supported".
 REFUSED = {op: "integer-only quantised kernels carry no gradient; distill the float or QDQ model instead"
-           for op in ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")} | {
-    "Scan": "a scan body is not interpreted"}
+           for op in ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")}
 
 
 class _Body(NamedTuple):
@@ -409,11 +408,11 @@ class TorchGraph(torch.nn.Module):
             why = "; ".join(f"{op}: {REFUSED[op]}" for op in unsupported if op in REFUSED)
             raise ModelError(f"distill: op(s) {', '.join(unsupported)} not supported by the PyTorch interpreter"
                              + (f" ({why})" if why else ""))
-        # If branches and Loop bodies by (node's first output, attribute): nodes, their attributes, inputs, outputs.
+        # If branches, Loop and Scan bodies by (node's first output, attribute): nodes, attributes, inputs, outputs.
         self.bodies: dict[tuple[str, str], _Body] = {
             (node.output[0], key): _Body(list(sub.node), [attributes(n) for n in sub.node],
                                          [v.name for v in sub.input], [v.name for v in sub.output])
-            for node, key, sub in _subgraphs(model.graph) if node.op_type in ("If", "Loop")}
+            for node, key, sub in _subgraphs(model.graph) if node.op_type in ("If", "Loop", "Scan")}
         initializers = [*model.graph.initializer, *(t for _, _, g in _subgraphs(model.graph) for t in g.initializer)]
         self.dtypes = {t.name: helper.tensor_dtype_to_np_dtype(t.data_type) for t in initializers}
         wanted = set(trainable)
@@ -456,6 +455,8 @@ class TorchGraph(torch.nn.Module):
                 outs = self._if(node, args[0], env, batch)
             elif node.op_type == "Loop":
                 outs = self._loop(node, args, env, batch)
+            elif node.op_type == "Scan":
+                outs = self._scan(node, node_attrs, args, env, batch)
             else:
                 outs = self._run(node, node_attrs, args, batch)
             for name, value in zip(node.output, outs, strict=False):
@@ -495,6 +496,32 @@ class TorchGraph(torch.nn.Module):
             raise ModelError(f"distill: Loop node {node.name or node.output[0]!r} ran no iteration, so its scan "
                              "outputs have no shape")
         return [*carried, *(torch.stack(stacked) for stacked in scans)]
+
+    def _scan(self, node: onnx.NodeProto, attrs: dict, args: list, env: Mapping[str, torch.Tensor],
+              batch: int) -> list[torch.Tensor]:
+        """ONNX Scan (opset 9 on), run eagerly: the body once per slice of the scan inputs along their axes (in
+        either direction), the states carried, each step's scan outputs stacked along theirs."""
+        if self.opset < 9:
+            raise ModelError("distill: Scan before opset 9 (batched, with sequence_lens) is not supported")
+        body = self.bodies[(node.output[0], "body")]
+        count = attrs["num_scan_inputs"]
+        states, inputs = list(args[: len(args) - count]), args[len(args) - count:]
+        inputs = [x.movedim(axis % x.dim(), 0) for x, axis in zip(inputs, attrs.get("scan_input_axes", [0] * count),
+                                                                   strict=True)]
+        inputs = [x.flip(0) if back else x for x, back in zip(inputs, attrs.get("scan_input_directions",
+                                                                                [0] * count), strict=True)]
+        outputs = len(body.outputs) - len(states)
+        scans: list[list[torch.Tensor]] = [[] for _ in range(outputs)]
+        for step in range(inputs[0].shape[0]):
+            values = self._run_body(body, dict(zip(body.inputs, [*states, *(x[step] for x in inputs)], strict=True)),
+                                    env, batch)
+            states = values[: len(states)]
+            for stacked, value in zip(scans, values[len(states):], strict=True):
+                stacked.append(value)
+        stacked = [torch.stack(s[::-1] if back else s)  # a reverse scan output is prepended step by step
+                   for s, back in zip(scans, attrs.get("scan_output_directions", [0] * outputs), strict=True)]
+        return [*states, *(y.movedim(0, axis % y.dim()) for y, axis in
+                           zip(stacked, attrs.get("scan_output_axes", [0] * outputs), strict=True))]
 
     def _run_body(self, body: _Body, bound: Mapping[str, torch.Tensor], env: Mapping[str, torch.Tensor],
                   batch: int) -> list[torch.Tensor]:

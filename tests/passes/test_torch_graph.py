@@ -367,7 +367,6 @@ def test_qdq_trains_only_float_tensors_outside_quantisation():
     (n("QLinearMatMul", ["a", "as", "az", "b", "bs", "bz", "ys", "yz"], ["y"]), "QLinearMatMul: integer-only"),
     (n("MatMulInteger", ["a", "b"], ["y"]), "MatMulInteger: integer-only"),
     (n("FusedMatMul", ["a", "b"], ["y"], domain="com.microsoft"), "com.microsoft:FusedMatMul"),
-    (n("Scan", ["x"], ["y"], num_scan_inputs=1), "Scan: a scan body"),
 ])
 def test_refused_ops_say_why_in_one_line(node, match):
     graph = helper.make_graph([node], "g", [], [helper.make_empty_tensor_value_info("y")])
@@ -503,6 +502,30 @@ def _loop(trips: int | None, threshold: float | None) -> tuple[onnx.ModelProto, 
 @pytest.mark.parametrize("trips, threshold", [(4, None), (None, 2.5), (6, 2.5), (2, 2.5), (6, -1.0)])
 def test_loop_iterates_like_onnxruntime(trips, threshold):
     model, feeds = _loop(trips, threshold)
+    _check(model, feeds)
+
+
+def _scan(**attrs) -> tuple[onnx.ModelProto, dict]:
+    """h <- tanh(h @ w + x_t) over the slices of x along its scan axis; 2h scanned out each step."""
+    tensor_info = helper.make_tensor_value_info
+    body = helper.make_graph(
+        [n("MatMul", ["h_in", "w"], ["m"]), n("Add", ["m", "x_t"], ["a"]), n("Tanh", ["a"], ["h_out"]),
+         n("Mul", ["h_out", "two"], ["y_t"])],
+        "body",
+        [tensor_info("h_in", onnx.TensorProto.FLOAT, [1, 3]), tensor_info("x_t", onnx.TensorProto.FLOAT, [1, 3])],
+        [tensor_info("h_out", onnx.TensorProto.FLOAT, [1, 3]), tensor_info("y_t", onnx.TensorProto.FLOAT, [1, 3])],
+        [numpy_helper.from_array(np.array(2.0, np.float32), "two")])
+    axis = attrs.get("scan_input_axes", [0])[0]
+    x = np.moveaxis(_rand(5, 1, 3, seed=4), 0, axis).copy()
+    inits = {"w": _rand(3, 3, seed=2) * 0.5, "h0": np.zeros((1, 3), np.float32)}
+    return _graph(n("Scan", ["h0", "x"], ["h", "ys"], body=body, num_scan_inputs=1, **attrs), {"x": x}, inits), \
+        {"x": x}
+
+
+@pytest.mark.parametrize("attrs", [{}, {"scan_input_directions": [1]}, {"scan_input_axes": [1]},
+                                   {"scan_output_axes": [2], "scan_output_directions": [1]}])
+def test_scan_iterates_like_onnxruntime(attrs):
+    model, feeds = _scan(**attrs)
     _check(model, feeds)
 
 
