@@ -107,3 +107,41 @@ def test_a_last_channel_axis_follows_reshapes_that_keep_it_last():
     assert hidden.blocked is None
     assert hidden.producers == ["fc1"] and hidden.consumers == ["fc2"]
     assert cg.tensors["ht"].axis == 2 and cg.tensors["rows2"].axis == 1
+
+
+def _axes(n: Net, name: str, axes: list[int]) -> str:
+    n.inits.append(onnx.numpy_helper.from_array(np.array(axes, dtype=np.int64), name))
+    return name
+
+
+def _unsqueezed_net() -> onnx.ModelProto:
+    """conv -> Relu -> Unsqueeze(0) -> Squeeze(0) -> conv: a log-mel front end's STFT convs are unsqueezed (to
+    stack real and imaginary parts) before their channels reach the next layer (openwakeword's log-mel model:
+    'Unsqueeze is not understood', nothing cut)."""
+    n = Net()
+    a = n.op("Relu", [n.conv("x", 4, 8, "a")], "ra")
+    n.kill("a", [1, 5])  # two dead channels the pruner should find
+    u = n.op("Unsqueeze", [a, _axes(n, "front", [0])], "u")
+    s = n.op("Squeeze", [u, _axes(n, "front_again", [0])], "s")
+    n.conv(s, 8, 3, "head")
+    return n.model({"head": [1, 3, 6, 6]})
+
+
+def test_unsqueeze_and_squeeze_move_the_channel_axis():
+    cg = build_channel_graph(_unsqueezed_net())
+    group = _group(cg, "a")
+    assert group.blocked is None and group.consumers == ["head"] and group.size == 8
+    assert cg.tensors["u"].axis == 2 and cg.tensors["s"].axis == 1
+
+
+def test_prune_cuts_through_unsqueeze_and_squeeze():
+    from rewriter import rewrite
+    from tests.helpers import run_ort
+
+    model = _unsqueezed_net()
+    x = np.random.default_rng(1).normal(size=(48, 4, 6, 6)).astype(np.float32)
+    result = rewrite(model, passes=["prune"], calib={"x": x}, options={"prune": {"ratio": 0.25}})
+    conv = next(n for n in result.model.graph.node if n.op_type == "Conv")
+    weight = next(t for t in result.model.graph.initializer if t.name == conv.input[1])
+    assert weight.dims[0] == 6  # the two dead channels, and only those
+    np.testing.assert_allclose(run_ort(result.model, {"x": x[:1]})[0], run_ort(model, {"x": x[:1]})[0], atol=1e-4)
