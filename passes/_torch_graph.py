@@ -3,9 +3,9 @@
 Float initializers become `torch.nn.Parameter`s keyed by their ONNX names, so training changes exactly the
 values the ONNX file holds and `write_back` puts them into the same initializers (same names, shapes, dtypes).
 Integer initializers (PQ codes, packed sign bits, shapes) stay constant tensors. Each op is a small function
-in `_OPS` (the long tail in _torch_ops.py, LSTM/GRU/RNN in _torch_recurrent.py); an `If` runs the branch its
-condition picks, a `Loop` or `Scan` its iterations. An op that is not there is a one-line ModelError naming it
-(and why, for the ops refused on purpose).
+in `_OPS` (the long tail in _torch_ops.py, LSTM/GRU/RNN in _torch_recurrent.py, If/Loop/Scan in
+_torch_control.py); an op that is not there is a one-line ModelError naming it (and why, for the ops refused on
+purpose).
 
 Graphs arrive canonicalised to batch 1; `forward` also runs batches of B samples: a Reshape whose constant
 target starts with the batch's 1 gets B there. Whether that reading is right for a given graph is checked by
@@ -15,8 +15,8 @@ the caller (batched outputs against per-sample ones), never assumed.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 
 import numpy as np
 import onnx
@@ -27,6 +27,7 @@ from onnx import helper, numpy_helper
 from rewriter.errors import ModelError
 from rewriter.graph import attributes
 
+from ._torch_control import CONTROL_FLOW, Body, all_nodes, bodies, subgraphs
 from ._torch_ops import OPS, OPSET_OPS, binary, torch_dtype, unary
 from ._torch_ops import ints as _ints
 from ._torch_recurrent import recurrent
@@ -349,41 +350,17 @@ _OPS: dict[str, Callable] = {
     "RNN": lambda attrs, *args: recurrent("RNN", attrs, *args),
 } | OPS
 SUPPORTED_OPS = frozenset(_OPS) | frozenset(OPSET_OPS) | {"Constant", "Cast", "Split", "Reshape", "Softmax",
-                                                          "LogSoftmax", "If", "Loop", "Scan"}
+                                                          "LogSoftmax"} | frozenset(CONTROL_FLOW)
 # Ops refused with a reason rather than a bare "not supported".
 REFUSED = {op: "integer-only quantised kernels carry no gradient; distill the float or QDQ model instead"
            for op in ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")}
-
-
-class _Body(NamedTuple):
-    """A subgraph the interpreter runs: an If branch or a Loop body."""
-    nodes: list[onnx.NodeProto]
-    attrs: list[dict]
-    inputs: list[str]
-    outputs: list[str]
-
-
-def _subgraphs(graph: onnx.GraphProto) -> Iterator[tuple[onnx.NodeProto, str, onnx.GraphProto]]:
-    """Every subgraph below `graph` (If branches, loop bodies, nested), with its node and attribute name."""
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                yield node, attr.name, sub
-                yield from _subgraphs(sub)
-
-
-def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    """The graph's nodes and those of its subgraphs."""
-    yield from graph.node
-    for _, _, sub in _subgraphs(graph):
-        yield from sub.node
 
 
 def trainable_names(model: onnx.ModelProto) -> list[str]:
     """Float initializers with more than one value that feed data (not configuration) inputs: weights, biases,
     BN scale/shift, codebooks, binary scales, low-rank factors. Scalars (the 6 of a hard-swish, the 2 and 1 that
     map bits to signs) and BN running statistics stay as they are."""
-    config = {node.input[i] for node in _nodes(model.graph)  # If branches' BatchNormalization too
+    config = {node.input[i] for node in all_nodes(model.graph)  # If branches' BatchNormalization too
               for i in _CONFIG_INPUTS.get(node.op_type, ()) if i < len(node.input)}
     names = []
     for tensor in model.graph.initializer:
@@ -401,19 +378,15 @@ class TorchGraph(torch.nn.Module):
         self.nodes = list(model.graph.node)
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
         self.attrs = [attributes(node) for node in self.nodes]
-        nodes = list(_nodes(model.graph))
+        nodes = list(all_nodes(model.graph))
         unsupported = sorted({n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}:{n.op_type}"
                               for n in nodes if n.op_type not in SUPPORTED_OPS or n.domain not in ("", "ai.onnx")})
         if unsupported:
             why = "; ".join(f"{op}: {REFUSED[op]}" for op in unsupported if op in REFUSED)
             raise ModelError(f"distill: op(s) {', '.join(unsupported)} not supported by the PyTorch interpreter"
                              + (f" ({why})" if why else ""))
-        # If branches, Loop and Scan bodies by (node's first output, attribute): nodes, attributes, inputs, outputs.
-        self.bodies: dict[tuple[str, str], _Body] = {
-            (node.output[0], key): _Body(list(sub.node), [attributes(n) for n in sub.node],
-                                         [v.name for v in sub.input], [v.name for v in sub.output])
-            for node, key, sub in _subgraphs(model.graph) if node.op_type in ("If", "Loop", "Scan")}
-        initializers = [*model.graph.initializer, *(t for _, _, g in _subgraphs(model.graph) for t in g.initializer)]
+        self.bodies = bodies(model.graph)
+        initializers = [*model.graph.initializer, *(t for _, _, g in subgraphs(model.graph) for t in g.initializer)]
         self.dtypes = {t.name: helper.tensor_dtype_to_np_dtype(t.data_type) for t in initializers}
         wanted = set(trainable)
         self.params: dict[str, torch.nn.Parameter] = {}
@@ -451,79 +424,16 @@ class TorchGraph(torch.nn.Module):
                    batch: int) -> None:
         for node, node_attrs in zip(nodes, attrs, strict=True):
             args = [self._value(env, name) for name in node.input]
-            if node.op_type == "If":
-                outs = self._if(node, args[0], env, batch)
-            elif node.op_type == "Loop":
-                outs = self._loop(node, args, env, batch)
-            elif node.op_type == "Scan":
-                outs = self._scan(node, node_attrs, args, env, batch)
+            if node.op_type in CONTROL_FLOW:
+                run_body = partial(self._run_body, env=env, batch=batch)
+                outs = CONTROL_FLOW[node.op_type](node, node_attrs, args, self.bodies, run_body, self.opset)
             else:
                 outs = self._run(node, node_attrs, args, batch)
             for name, value in zip(node.output, outs, strict=False):
                 if name:
                     env[name] = value
 
-    def _if(self, node: onnx.NodeProto, cond: torch.Tensor, env: Mapping[str, torch.Tensor],
-            batch: int) -> list[torch.Tensor]:
-        """The branch the condition picks, run eagerly on the enclosing values: gradients flow through the
-        branch taken. A condition per sample of a batch has no single branch: the caller then runs samples alone."""
-        if cond.numel() != 1:
-            raise ModelError(f"distill: If node {node.name or node.output[0]!r} has a condition of {cond.numel()} "
-                             "values (one per sample of a batch?)")
-        body = self.bodies[(node.output[0], "then_branch" if bool(cond.item()) else "else_branch")]
-        return self._run_body(body, {}, env, batch)
-
-    def _loop(self, node: onnx.NodeProto, args: list, env: Mapping[str, torch.Tensor],
-              batch: int) -> list[torch.Tensor]:
-        """ONNX Loop, run eagerly: up to M iterations while the condition holds; the loop-carried values go
-        round, the scan outputs are stacked on a new first axis."""
-        trips, cond, carried = args[0], args[1] if len(args) > 1 else None, list(args[2:])
-        if trips is None and cond is None:
-            raise ModelError(f"distill: Loop node {node.name or node.output[0]!r} has neither a trip count nor a "
-                             "condition")
-        body = self.bodies[(node.output[0], "body")]
-        scans: list[list[torch.Tensor]] = [[] for _ in range(len(body.outputs) - 1 - len(carried))]
-        going, step = cond is None or bool(cond.item()), 0
-        while going and (trips is None or step < int(trips.item())):
-            values = self._run_body(body, {body.inputs[0]: torch.tensor(step), body.inputs[1]: torch.tensor(going),
-                                           **dict(zip(body.inputs[2:], carried, strict=True))}, env, batch)
-            going = bool(values[0].item())  # onnxruntime ends on the body's condition even with no `cond` input
-            carried = values[1: 1 + len(carried)]
-            for stacked, value in zip(scans, values[1 + len(carried):], strict=True):
-                stacked.append(value)
-            step += 1
-        if any(not stacked for stacked in scans):
-            raise ModelError(f"distill: Loop node {node.name or node.output[0]!r} ran no iteration, so its scan "
-                             "outputs have no shape")
-        return [*carried, *(torch.stack(stacked) for stacked in scans)]
-
-    def _scan(self, node: onnx.NodeProto, attrs: dict, args: list, env: Mapping[str, torch.Tensor],
-              batch: int) -> list[torch.Tensor]:
-        """ONNX Scan (opset 9 on), run eagerly: the body once per slice of the scan inputs along their axes (in
-        either direction), the states carried, each step's scan outputs stacked along theirs."""
-        if self.opset < 9:
-            raise ModelError("distill: Scan before opset 9 (batched, with sequence_lens) is not supported")
-        body = self.bodies[(node.output[0], "body")]
-        count = attrs["num_scan_inputs"]
-        states, inputs = list(args[: len(args) - count]), args[len(args) - count:]
-        inputs = [x.movedim(axis % x.dim(), 0) for x, axis in zip(inputs, attrs.get("scan_input_axes", [0] * count),
-                                                                   strict=True)]
-        inputs = [x.flip(0) if back else x for x, back in zip(inputs, attrs.get("scan_input_directions",
-                                                                                [0] * count), strict=True)]
-        outputs = len(body.outputs) - len(states)
-        scans: list[list[torch.Tensor]] = [[] for _ in range(outputs)]
-        for step in range(inputs[0].shape[0]):
-            values = self._run_body(body, dict(zip(body.inputs, [*states, *(x[step] for x in inputs)], strict=True)),
-                                    env, batch)
-            states = values[: len(states)]
-            for stacked, value in zip(scans, values[len(states):], strict=True):
-                stacked.append(value)
-        stacked = [torch.stack(s[::-1] if back else s)  # a reverse scan output is prepended step by step
-                   for s, back in zip(scans, attrs.get("scan_output_directions", [0] * outputs), strict=True)]
-        return [*states, *(y.movedim(0, axis % y.dim()) for y, axis in
-                           zip(stacked, attrs.get("scan_output_axes", [0] * outputs), strict=True))]
-
-    def _run_body(self, body: _Body, bound: Mapping[str, torch.Tensor], env: Mapping[str, torch.Tensor],
+    def _run_body(self, body: Body, bound: Mapping[str, torch.Tensor], env: Mapping[str, torch.Tensor],
                   batch: int) -> list[torch.Tensor]:
         """A subgraph on the enclosing values plus its own bound inputs; its names stay inside it."""
         local = {**env, **bound}
