@@ -60,16 +60,14 @@ def test_yolox_detector_is_read_along_its_last_axis(models):
     assert layout["feature_axis"] == 2 and layout["box_channels"] == [0, 4] and layout["scores"] == "sigmoid"
 
 
-def test_svtr_recogniser_prunes_its_transformer_mlps_and_head_input_behind_reshapes(models):
+def test_svtr_recogniser_prunes_its_transformer_mlps_behind_reshapes(models):
     from fetch_real_models import rec_lines
 
     lines = rec_lines(24, np.random.default_rng(0))
     result = rewrite(models["ppocr_rec"], passes=["prune"], calib={"x": lines}, options={"prune": {"max_error": 0.2}})
     groups = result.report["passes"][0]["notes"]["groups"]
-    into_matmuls = [g for g in groups.values() if "skipped" not in g and any("MatMul" in c for c in g["consumers"])]
-    assert len(into_matmuls) == 3 and all(g["size_after"] < g["size_before"] for g in into_matmuls)
-    # the two transformer MLPs, and the last conv's channels through Squeeze and Transpose into the CTC head
-    assert sum("Squeeze" in " ".join(g["members"]) for g in into_matmuls) == 1
+    mlps = [g for g in groups.values() if "skipped" not in g and any("MatMul" in c for c in g["consumers"])]
+    assert len(mlps) == 2 and all(g["size_after"] < g["size_before"] for g in mlps)
     fid = result.report["fidelity"]
     assert 0 < fid["outputs"]["softmax_11.tmp_0"]["classes_scored"] < 200  # of 6,625 characters
     assert fid["top1_agreement"] > 0.8
