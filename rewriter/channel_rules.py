@@ -413,43 +413,6 @@ def _writes_last_dim(cg: ChannelGraph, node: onnx.NodeProto, src_rank: int) -> b
     return target[-1] != 0 or len(target) == src_rank
 
 
-def _axes(cg: ChannelGraph, node: onnx.NodeProto) -> list[int] | None:
-    """Un/Squeeze's axes: the attribute (before opset 13) or the constant second input; None when not known."""
-    axes = attributes(node).get("axes")
-    if axes is None and len(node.input) > 1 and node.input[1]:
-        value = cg.view.constant(node.input[1])
-        axes = None if value is None else value.reshape(-1).tolist()
-    return None if axes is None else list(axes)
-
-
-def _unsqueeze(cg: ChannelGraph, node: onnx.NodeProto) -> None:
-    """New axes of size 1 move the channel axis by how many land at or before it (the STFT convs' outputs
-    of a log-mel front end, unsqueezed to stack real and imaginary parts)."""
-    axes, rank = _axes(cg, node), _rank(cg, node.input[0])
-    if axes is None or rank is None:
-        unknown(cg, node)
-        return
-
-    def moved(a: int) -> int:
-        for axis in sorted(x % (rank + len(axes)) for x in axes):
-            a += axis <= a
-        return a
-
-    _pass(cg, node, moved)
-
-
-def _squeeze(cg: ChannelGraph, node: onnx.NodeProto) -> None:
-    """Removed axes of size 1 move the channel axis back; squeezing the channel axis itself mixes nothing but
-    leaves no channels to cut."""
-    shape = cg.view.static_shape(node.input[0])
-    axes = _axes(cg, node)
-    if shape is None:
-        unknown(cg, node)
-        return
-    gone = {x % len(shape) for x in axes} if axes else {i for i, d in enumerate(shape) if d == 1}
-    _pass(cg, node, lambda a: None if a in gone else a - sum(x < a for x in gone))
-
-
 def _shape_only(cg: ChannelGraph, node: onnx.NodeProto) -> None:
     """Shape/Size read how many channels a tensor has: removing any would change the result."""
     _block_inputs(cg, node, f"{node.op_type} {node_label(node)} reads the channel count")
@@ -476,8 +439,6 @@ RULES: dict[str, Callable[[ChannelGraph, onnx.NodeProto], None]] = {
     "Slice": _slice,
     "Reshape": _reshape,
     "Flatten": _reshape,
-    "Unsqueeze": _unsqueeze,
-    "Squeeze": _squeeze,
     "Shape": _shape_only,
     "Size": _shape_only,
     **dict.fromkeys(QUANTISED_OPS, _integer_layer),
