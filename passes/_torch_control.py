@@ -4,14 +4,14 @@ interpreter's own), so gradients reach the enclosing graph's weights along the p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import onnx
 import torch
 
 from rewriter.errors import ModelError
-from rewriter.graph import attributes
+from rewriter.graph import attributes, subgraphs
 
 
 class Body(NamedTuple):
@@ -24,22 +24,6 @@ class Body(NamedTuple):
 
 # run_body(body, values bound to its inputs) -> its outputs
 RunBody = Callable[[Body, Mapping[str, torch.Tensor]], list[torch.Tensor]]
-
-
-def subgraphs(graph: onnx.GraphProto) -> Iterator[tuple[onnx.NodeProto, str, onnx.GraphProto]]:
-    """Every subgraph below `graph` (If branches, loop bodies, nested), with its node and attribute name."""
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                yield node, attr.name, sub
-                yield from subgraphs(sub)
-
-
-def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    """The graph's nodes and those of its subgraphs."""
-    yield from graph.node
-    for _, _, sub in subgraphs(graph):
-        yield from sub.node
 
 
 def bodies(graph: onnx.GraphProto) -> dict[tuple[str, str], Body]:

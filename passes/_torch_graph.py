@@ -25,9 +25,9 @@ import torch.nn.functional as F  # noqa: N812
 from onnx import helper, numpy_helper
 
 from rewriter.errors import ModelError
-from rewriter.graph import attributes
+from rewriter.graph import all_nodes, attributes, subgraphs
 
-from ._torch_control import CONTROL_FLOW, Body, all_nodes, bodies, subgraphs
+from ._torch_control import CONTROL_FLOW, Body, bodies
 from ._torch_ops import OPS, OPSET_OPS, binary, torch_dtype, unary
 from ._torch_ops import ints as _ints
 from ._torch_recurrent import recurrent

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from functools import cached_property
 
 import numpy as np
@@ -110,6 +111,22 @@ class GraphView:
                     stack.extend(o for o in reader.output if o and o not in seen)
                     seen.update(reader.output)
         return False
+
+
+def subgraphs(graph: onnx.GraphProto) -> Iterator[tuple[onnx.NodeProto, str, onnx.GraphProto]]:
+    """Every subgraph below `graph` (If branches, Loop/Scan bodies, nested ones), with its node and attribute."""
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                yield node, attr.name, sub
+                yield from subgraphs(sub)
+
+
+def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """The graph's nodes and those of every subgraph inside it."""
+    yield from graph.node
+    for _, _, sub in subgraphs(graph):
+        yield from sub.node
 
 
 def node_reads(node: onnx.NodeProto) -> set[str]:

@@ -21,7 +21,7 @@ from onnx import numpy_helper
 
 from .canonical import declared_shape, graph_inputs
 from .errors import ModelError
-from .graph import GraphView, attributes, node_reads, remove_initializers, unique_name
+from .graph import GraphView, all_nodes, attributes, node_reads, remove_initializers, subgraphs, unique_name
 from .loading import check_model, infer_shapes, ort_session
 
 Dim = tuple[str, int]  # (input name, axis)
@@ -69,7 +69,7 @@ def _free_batch_in_reshapes(model: onnx.ModelProto) -> None:
     view = GraphView(model)
     inner_shapes = _subgraph_shapes(model.graph)
     replaced = set()
-    for node in _all_nodes(model.graph):  # If branches too: a tail behind an early exit holds Reshapes
+    for node in all_nodes(model.graph):  # If branches too: a tail behind an early exit holds Reshapes
         if node.op_type != "Reshape" or len(node.input) < 2:
             continue
         target = view.constant(node.input[1])
@@ -105,24 +105,13 @@ def _freed_target(target: list[int], source: list[int | None], allowzero: bool) 
     return [-1, *target[1:]] if merges or splits else None
 
 
-def _all_nodes(graph: onnx.GraphProto):
-    """Nodes of `graph` and of every subgraph inside it."""
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                yield from _all_nodes(sub)
-
-
 def _subgraph_shapes(graph: onnx.GraphProto) -> dict[str, list[int | None]]:
     """Inferred shapes recorded inside subgraphs (the graph view reads the top level only)."""
     shapes = {}
-    for node in _all_nodes(graph):
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                for value in sub.value_info:
-                    dims = value.type.tensor_type.shape.dim
-                    shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    for _, _, sub in subgraphs(graph):
+        for value in sub.value_info:
+            dims = value.type.tensor_type.shape.dim
+            shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
     return shapes
 
 
