@@ -259,8 +259,8 @@ def _hardmax(attrs, x, *, opset: int):
 
 
 def _grid_sample(attrs, x, grid):
-    mode = {"linear": "bilinear", "cubic": "bicubic"}.get(text(attrs.get("mode", "bilinear")),
-                                                          text(attrs.get("mode", "bilinear")))
+    mode = text(attrs.get("mode", "bilinear"))
+    mode = {"linear": "bilinear", "cubic": "bicubic"}.get(mode, mode)  # opset 20's names
     if x.dim() != 4 and mode == "bicubic":
         raise ModelError("distill: GridSample with cubic mode over other than 2-D images is not supported")
     return F.grid_sample(x, grid, mode=mode, padding_mode=text(attrs.get("padding_mode", "zeros")),
