@@ -4,8 +4,8 @@ Outputs arrive as one array per sample (as onnxruntime returns them), so outputs
 or with a varying number of rows (NMS-style detectors) are compared sample by sample. Each output is
 read along its own feature axis (see layouts.py): the worst per-channel cosine there (on a softmax class axis,
 over the classes the models pick often enough for a cosine to mean something), top-1 agreement
-per position along the class axis, and the mean per-sample cosine all feed `drop`, the figure that
---max-drop limits.
+per position along the class axis, the mean per-sample cosine and, on a CTC recogniser's score sequence, the
+characters its reading edits all feed `drop`, the figure that --max-drop limits.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from rapidfuzz.distance import Levenshtein
 
 from .layouts import OutputLayout
 
@@ -26,6 +27,10 @@ IOU_MATCH = 0.5
 # A class channel of a probability output is scored by its cosine only over this many positions where either model
 # picks it (at 20, one flipped position costs it 0.025): below, a single flip reads as a lost class.
 MIN_CLASS_SUPPORT = 20
+# A class the original ranks first at more than this share of a score sequence's steps is a CTC blank: it fills
+# the steps between characters (PP-OCRv4 on page lines: 35-95 % of a line's steps, 58 % over 64 lines). The
+# sequence is then read as text, and text edited is fidelity lost even where 95 % of the steps agree.
+BLANK_SHARE = 0.4
 MAX_LISTED_CHANNELS = 4096  # per-channel cosines kept in the report (a recogniser may have 8,000 classes)
 
 Samples = Sequence[np.ndarray]
@@ -113,6 +118,46 @@ def top1_agreement(pairs: list[tuple[np.ndarray, np.ndarray]], layout: OutputLay
     return (agree / total, total) if total else None
 
 
+def _step_paths(pairs: list[tuple[np.ndarray, np.ndarray]], layout: OutputLayout) -> list | None:
+    """Both models' top class at each step, per sample, where the output is a sequence of class scores: besides
+    the class axis exactly one axis longer than 1 (a recogniser's time steps). None for other outputs."""
+    if layout.scores in (None, "sigmoid") or layout.class_channels is not None:
+        return None
+    paths = []
+    for r, n in pairs:
+        if sum(size > 1 for axis, size in enumerate(r.shape) if axis != layout.feature_axis) != 1:
+            return None
+        paths.append((_scores(r, layout).argmax(axis=1), _scores(n, layout).argmax(axis=1)))
+    return paths
+
+
+def _reading(path: np.ndarray, blank: int) -> list[int]:
+    """Greedy CTC decoding: repeated classes merged, then blanks dropped."""
+    merged = path[np.r_[True, path[1:] != path[:-1]]]
+    return merged[merged != blank].tolist()
+
+
+def reading_agreement(pairs: list[tuple[np.ndarray, np.ndarray]], layout: OutputLayout) -> dict | None:
+    """How the greedy CTC readings of a recogniser's score sequences compare: the character error rate of the new
+    model's reading against the original's (edits per character), the share of samples read the same, and the
+    blank. None where the output is not a score sequence or no class dominates its steps as a blank does."""
+    paths = _step_paths(pairs, layout)
+    if not paths:
+        return None
+    counts = np.bincount(np.concatenate([r for r, _ in paths]))
+    blank = int(counts.argmax())
+    if counts[blank] <= BLANK_SHARE * counts.sum():
+        return None
+    edits = characters = same = 0
+    for r, n in paths:
+        ref, new = _reading(r, blank), _reading(n, blank)
+        edits += Levenshtein.distance(ref, new)
+        characters += len(ref)
+        same += ref == new
+    return {"reading_error": edits / max(characters, 1), "readings_same": same / len(paths),
+            "reading_characters": characters, "reading_blank": blank}
+
+
 def _detections(value: np.ndarray, layout: OutputLayout) -> tuple[np.ndarray, np.ndarray]:
     """Boxes (x1, y1, x2, y2) and classes of the anchors scoring above the threshold."""
     features = _scores(value, OutputLayout(layout.feature_axis))
@@ -171,6 +216,10 @@ def _output_figures(ref: Samples, new: Samples, layout: OutputLayout, labels: np
         figures["top1_agreement"], figures["top1_positions"] = found
         if mismatched:
             figures["top1_agreement"] *= len(pairs) / len(ref)
+    if (read := reading_agreement(pairs, layout)) is not None:
+        figures.update(read)
+        if mismatched:
+            figures["readings_same"] *= len(pairs) / len(ref)
     if layout.box_channels and layout.class_channels and (det := detection_agreement(pairs, layout)) is not None:
         figures["detection_agreement"] = det
     if labels is not None and layout.has_classes and len(pairs) == len(ref) and all(r.size == r.shape[-1]
@@ -183,13 +232,15 @@ def _output_figures(ref: Samples, new: Samples, layout: OutputLayout, labels: np
 
 
 def _drop(figures: dict) -> float:
-    """The fidelity lost by one output: the worst of its channel, sample, top-1 and accuracy figures.
+    """The fidelity lost by one output: the worst of its channel, sample, top-1, reading and accuracy figures.
 
     Detection agreement is reported beside it, not in it: over a few held-out images it counts a handful
     of boxes, and one box more or less would swing it by far more than the model changed."""
     drops = [1.0 - figures["channel_cosine_min"], 1.0 - figures["cosine"]]
     if "top1_agreement" in figures:
         drops.append(1.0 - figures["top1_agreement"])
+    if "reading_error" in figures:
+        drops.append(figures["reading_error"])
     if "accuracy_after" in figures:
         drops.append(figures["accuracy_before"] - figures["accuracy_after"])
     return min(1.0, max(0.0, *drops))  # an anti-correlated channel (cosine < 0) is lost, not more than lost
@@ -222,6 +273,10 @@ def compare(
     scored = [n for n in names if "top1_agreement" in per_output[n]]
     if scored:
         result["top1_agreement"] = min(per_output[n]["top1_agreement"] for n in scored)
+    read = [n for n in names if "reading_error" in per_output[n]]
+    if read:
+        result["reading_error"] = max(per_output[n]["reading_error"] for n in read)
+        result["readings_same"] = min(per_output[n]["readings_same"] for n in read)
     detected = [per_output[n]["detection_agreement"] for n in names if "detection_agreement" in per_output[n]]
     if detected:
         result["detection_agreement"] = min(detected)

@@ -100,6 +100,7 @@ def _guard(name: str, fid: dict | None, max_drop: float | None) -> None:
         f"(worst channel cosine {fid['channel_cosine_min']:.4f} at {worst['output']} channel {worst['channel']} "
         f"of axis {worst['axis']}, sample cosine {fid['cosine']:.4f}"
         + (f", top-1 agreement {fid['top1_agreement']:.4f}" if "top1_agreement" in fid else "")
+        + (f", reading error {fid['reading_error']:.4f}" if "reading_error" in fid else "")
         + ")"
     )
 

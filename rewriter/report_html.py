@@ -158,6 +158,9 @@ def _outputs(report: dict) -> str:
         parts.append(f"<p><b>{_esc(name)}</b>: read along axis {_esc(layout['feature_axis'])} "
                      f"({_esc(layout['why'])}); drop {figures['drop']:.4f}, sample cosine {figures['cosine']:.4f}"
                      + (f", top-1 agreement {figures['top1_agreement']:.4f}" if "top1_agreement" in figures else "")
+                     + (f", reading (greedy CTC) {figures['reading_error']:.4f} of its characters edited, "
+                        f"{figures['readings_same']:.0%} of the samples read the same"
+                        if "reading_error" in figures else "")
                      + "</p>")
         if cosines:
             low = min(0.0, min(cosines))

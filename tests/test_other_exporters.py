@@ -71,6 +71,8 @@ def test_svtr_recogniser_prunes_its_transformer_mlps_behind_reshapes(models):
     fid = result.report["fidelity"]
     assert 0 < fid["outputs"]["softmax_11.tmp_0"]["classes_scored"] < 200  # of 6,625 characters
     assert fid["top1_agreement"] > 0.8
+    # its CTC blank is class 0, found from the steps; the reading's edits count in the drop
+    assert fid["outputs"]["softmax_11.tmp_0"]["reading_blank"] == 0 and fid["drop"] >= fid["reading_error"]
     assert result.report["interface"]["restored"] == {"x[0]": "p2o.DynamicDimension.0"}  # through the Gemm reshapes
     read = set().union(*(node_reads(node) for node in result.model.graph.node))
     assert {t.name for t in result.model.graph.initializer} <= read  # nothing left for onnxruntime to warn about

@@ -192,6 +192,48 @@ def test_classes_picked_too_rarely_for_a_cosine_are_left_to_top1_and_a_frequent_
     assert fid["outputs"]["p"]["classes_scored"] == 5 and fid["channel_cosine_min"] < 0.5
 
 
+def _ctc_lines(rng: np.random.Generator, lines: int, steps: int = 40, classes: int = 30) -> list[np.ndarray]:
+    """CTC-style [1, T, classes] logits: blank (class 0) at most steps, a character held for 1-2 steps now and then."""
+    out = []
+    for _ in range(lines):
+        path = np.zeros(steps, np.int64)
+        for start in range(1, steps - 2, 4):
+            path[start:start + int(rng.integers(1, 3))] = rng.integers(1, classes)
+        x = rng.normal(size=(1, steps, classes))
+        x[0, np.arange(steps), path] += 8.0
+        out.append(x)
+    return out
+
+
+def test_a_recognisers_reading_is_compared_as_text():
+    """One step in 20 flipped to another character agrees per step at 95 % but edits about a quarter of the text:
+    the reading's character error rate, not per-step top-1, is what the drop reports."""
+    rng = np.random.default_rng(7)
+    logits = _ctc_lines(rng, 16)
+    ref = [_softmax(x) for x in logits]
+    layout = OutputLayout(2, "softmax")
+    same = compare(["p"], {"p": ref}, {"p": [_softmax(x * 0.7) for x in logits]}, {"p": layout})
+    assert same["reading_error"] == 0.0 and same["readings_same"] == 1.0
+    assert same["outputs"]["p"]["reading_blank"] == 0
+    flipped = [x.copy() for x in logits]
+    for x in flipped:
+        steps = np.flatnonzero(x[0].argmax(axis=1) > 0)[::8]  # every eighth character step reads another character
+        x[0, steps] = np.roll(x[0, steps], 1, axis=1)
+    fid = compare(["p"], {"p": ref}, {"p": [_softmax(x) for x in flipped]}, {"p": layout})
+    assert fid["top1_agreement"] > 0.94
+    assert fid["reading_error"] > 0.15 and fid["drop"] == pytest.approx(fid["reading_error"])
+    assert fid["readings_same"] == 0.0
+
+
+def test_a_tagger_without_a_dominant_class_is_not_read_as_text():
+    """Per-step labels with no class at most steps (no CTC blank) keep per-step top-1 as their figure."""
+    rng = np.random.default_rng(8)
+    logits = [rng.normal(size=(1, 30, 5)) * 3 for _ in range(8)]
+    ref = [_softmax(x) for x in logits]
+    fid = compare(["p"], {"p": ref}, {"p": ref}, {"p": OutputLayout(2, "softmax")})
+    assert "reading_error" not in fid and fid["top1_agreement"] == 1.0
+
+
 def test_a_classifier_over_a_few_held_out_samples_still_scores_its_classes():
     """16 images of a two-class classifier: each class holds a quarter of them or more, so both are scored."""
     rng = np.random.default_rng(3)
