@@ -24,6 +24,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from rewriter.dominators import ancestor_nodes
+from rewriter.graph import node_subgraphs
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,8 @@ def _all_names(graph: onnx.GraphProto):
     for node in graph.node:
         yield node.name
         yield from node.output
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                yield from _all_names(sub)
+        for _, sub in node_subgraphs(node):
+            yield from _all_names(sub)
 
 
 class _Builder:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 import onnx
 
-from .graph import GraphView
+from .graph import GraphView, node_subgraphs
 
 Atom = tuple[str, int]  # (tensor a layer produced, channel index in it)
 
@@ -128,14 +128,13 @@ def build_channel_graph(model: onnx.ModelProto) -> ChannelGraph:
 
 
 def _reads_subgraph(node: onnx.NodeProto) -> bool:
-    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+    return next(node_subgraphs(node), None) is not None
 
 
 def subgraph_reads(node: onnx.NodeProto) -> set[str]:
     names: set[str] = set()
-    for attr in node.attribute:
-        for graph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-            for inner in graph.node:
-                names.update(inner.input)
-                names |= subgraph_reads(inner)
+    for _, graph in node_subgraphs(node):
+        for inner in graph.node:
+            names.update(inner.input)
+            names |= subgraph_reads(inner)
     return names

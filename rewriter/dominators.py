@@ -15,7 +15,7 @@ import networkx as nx
 import onnx
 
 from .canonical import graph_inputs
-from .graph import GraphView
+from .graph import GraphView, node_subgraphs
 from .metrics import node_macs
 
 _SOURCE, _SINK = ("source", ""), ("sink", "")
@@ -24,13 +24,12 @@ _SOURCE, _SINK = ("source", ""), ("sink", "")
 def node_inputs(node: onnx.NodeProto) -> set[str]:
     """A node's inputs, including outer-scope tensors its subgraphs (If/Loop bodies) read."""
     names = {n for n in node.input if n}
-    for attr in node.attribute:
-        for graph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-            local = {o for inner in graph.node for o in inner.output}
-            local.update(t.name for t in graph.initializer)
-            local.update(v.name for v in graph.input)
-            for inner in graph.node:
-                names |= node_inputs(inner) - local
+    for _, graph in node_subgraphs(node):
+        local = {o for inner in graph.node for o in inner.output}
+        local.update(t.name for t in graph.initializer)
+        local.update(v.name for v in graph.input)
+        for inner in graph.node:
+            names |= node_inputs(inner) - local
     return names
 
 

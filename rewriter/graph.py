@@ -113,13 +113,21 @@ class GraphView:
         return False
 
 
+def node_subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    """The subgraphs one node holds directly (an If's branches, a Loop's body), with their attribute names."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.name, attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from ((attr.name, sub) for sub in attr.graphs)
+
+
 def subgraphs(graph: onnx.GraphProto) -> Iterator[tuple[onnx.NodeProto, str, onnx.GraphProto]]:
     """Every subgraph below `graph` (If branches, Loop/Scan bodies, nested ones), with its node and attribute."""
     for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                yield node, attr.name, sub
-                yield from subgraphs(sub)
+        for name, sub in node_subgraphs(node):
+            yield node, name, sub
+            yield from subgraphs(sub)
 
 
 def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
@@ -132,10 +140,9 @@ def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
 def node_reads(node: onnx.NodeProto) -> set[str]:
     """A node's inputs, including the outer-scope tensors its subgraphs (If/Loop/Scan bodies) read."""
     names = {n for n in node.input if n}
-    for attr in node.attribute:
-        for graph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-            for inner in graph.node:
-                names |= node_reads(inner)
+    for _, graph in node_subgraphs(node):
+        for inner in graph.node:
+            names |= node_reads(inner)
     return names
 
 

@@ -21,7 +21,16 @@ from onnx import numpy_helper
 
 from .canonical import declared_shape, graph_inputs
 from .errors import ModelError
-from .graph import GraphView, all_nodes, attributes, node_reads, remove_initializers, subgraphs, unique_name
+from .graph import (
+    GraphView,
+    all_nodes,
+    attributes,
+    node_reads,
+    node_subgraphs,
+    remove_initializers,
+    subgraphs,
+    unique_name,
+)
 from .loading import check_model, infer_shapes, ort_session
 
 Dim = tuple[str, int]  # (input name, axis)
@@ -137,12 +146,11 @@ def _clear_value_info(graph: onnx.GraphProto) -> None:
     on their outputs too)."""
     graph.ClearField("value_info")
     for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                _clear_value_info(sub)
-                for output in sub.output:
-                    if output.type.HasField("tensor_type"):
-                        output.type.tensor_type.ClearField("shape")
+        for _, sub in node_subgraphs(node):
+            _clear_value_info(sub)
+            for output in sub.output:
+                if output.type.HasField("tensor_type"):
+                    output.type.tensor_type.ClearField("shape")
 
 
 def _grown(feed: dict[str, np.ndarray], dims: Sequence[Dim]) -> dict[str, np.ndarray]:

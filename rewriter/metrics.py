@@ -6,7 +6,7 @@ import math
 
 import onnx
 
-from .graph import GraphView, attributes
+from .graph import GraphView, attributes, node_subgraphs
 from .loading import model_bytes
 
 
@@ -73,7 +73,7 @@ def count_macs(model: onnx.ModelProto) -> int:
 
 
 def _branches(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    return [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+    return [sub for _, sub in node_subgraphs(node)]
 
 
 def _subgraph_macs(model: onnx.ModelProto, graph: onnx.GraphProto) -> int:

@@ -17,6 +17,7 @@ import onnx
 from onnx import helper
 
 from rewriter.dominators import node_inputs
+from rewriter.graph import node_subgraphs
 
 
 def has_control_flow(model: onnx.ModelProto) -> bool:
@@ -28,9 +29,8 @@ def _initializers(graph: onnx.GraphProto, table: dict[str, onnx.TensorProto]) ->
     for tensor in graph.initializer:
         table[tensor.name] = tensor
     for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                _initializers(attr.g, table)
+        for _, sub in node_subgraphs(node):
+            _initializers(sub, table)
 
 
 def _reading(node: onnx.NodeProto, renamed: dict[str, str]) -> onnx.NodeProto:
