@@ -97,8 +97,9 @@ class PqPass:
 
     name = "pq"
     # Retried in turn while the codes lose more than the fidelity target (pipeline.run_passes). PQ alone on
-    # PP-OCRv4's recogniser: per-step top-1 91.4 % at max_error 0.2, 96.3 % at 0.05.
-    gentler = ({"max_error": 0.1}, {"max_error": 0.05}, {"max_error": 0.025})
+    # PP-OCRv4's recogniser: per-step top-1 91.4 % at max_error 0.2, 96.3 % at 0.05; its greedy reading (after prune)
+    # edits 6.3 % of the characters at 0.025 and 3.5 % at 0.01.
+    gentler = ({"max_error": 0.1}, {"max_error": 0.05}, {"max_error": 0.025}, {"max_error": 0.01})
 
     def __init__(
         self,
