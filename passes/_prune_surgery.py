@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from rewriter.channels import Atom, ChannelGraph, node_label, subgraph_reads
-from rewriter.graph import attributes, unique_name
+from rewriter.channels import Atom, ChannelGraph, node_label
+from rewriter.graph import attributes, subgraph_reads, unique_name
 
 
 @dataclass

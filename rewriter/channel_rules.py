@@ -11,8 +11,8 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 
-from .channels import Atom, ChannelGraph, Channels, node_label, subgraph_reads
-from .graph import QUANTISED_OPS, QUANTISED_WEIGHT, attributes, quantised_op
+from .channels import Atom, ChannelGraph, Channels, node_label
+from .graph import QUANTISED_OPS, QUANTISED_WEIGHT, attributes, quantised_op, subgraph_reads
 
 UNARY = {
     "Relu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "LeakyRelu", "Tanh", "Elu", "Selu", "Celu", "Softplus",

@@ -129,12 +129,3 @@ def build_channel_graph(model: onnx.ModelProto) -> ChannelGraph:
 
 def _reads_subgraph(node: onnx.NodeProto) -> bool:
     return next(node_subgraphs(node), None) is not None
-
-
-def subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    names: set[str] = set()
-    for _, graph in node_subgraphs(node):
-        for inner in graph.node:
-            names.update(inner.input)
-            names |= subgraph_reads(inner)
-    return names

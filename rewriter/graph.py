@@ -137,13 +137,19 @@ def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
         yield from sub.node
 
 
-def node_reads(node: onnx.NodeProto) -> set[str]:
-    """A node's inputs, including the outer-scope tensors its subgraphs (If/Loop/Scan bodies) read."""
-    names = {n for n in node.input if n}
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """The inputs of every node inside the node's subgraphs, at any depth (outer-scope names among them)."""
+    names: set[str] = set()
     for _, graph in node_subgraphs(node):
         for inner in graph.node:
-            names |= node_reads(inner)
+            names.update(inner.input)
+            names |= subgraph_reads(inner)
     return names
+
+
+def node_reads(node: onnx.NodeProto) -> set[str]:
+    """A node's inputs, including the outer-scope tensors its subgraphs (If/Loop/Scan bodies) read."""
+    return {n for n in [*node.input, *subgraph_reads(node)] if n}
 
 
 def drop_unused_initializers(model: onnx.ModelProto) -> None:
